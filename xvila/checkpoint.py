@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from transformers import CLIPTokenizer
 from xvila.encoders.clip_tokenizer import CLIP_TOKENIZER_REPO, ImageBindTokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.errors import WeightsUnavailableError
+from xvila.fileio import atomic_path
 
 IMAGEBIND_REPO = "nielsr/imagebind-huge"
 # nielsr/imagebind-huge ships safetensors; the official release is a .pth that users may
@@ -76,39 +76,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    return path
+    return Path(path)
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-class _atomic:
-    """Context manager yielding a temp path that replaces `path` on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
-        return False
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return Path(path)
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:

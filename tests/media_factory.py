@@ -1,0 +1,114 @@
+"""Test media made on the fly with real encoders (PyAV, PIL, soundfile): no binary fixtures."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+# Twelve flat colours far apart from each other, so a decoded frame can be matched back to
+# the frame it came from even after lossy compression.
+COLOURS = np.array(
+    [
+        (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+        (255, 255, 255), (0, 0, 0), (128, 128, 128), (255, 128, 0), (128, 0, 255), (0, 128, 128),
+    ],
+    dtype=np.uint8,
+)
+
+
+def colour_frames(n: int = 12, height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 [n,H,W,3]; frame i is flat COLOURS[i % 12]."""
+    return np.broadcast_to(COLOURS[np.arange(n) % len(COLOURS)][:, None, None, :], (n, height, width, 3)).copy()
+
+
+def nearest_colour(frame: np.ndarray) -> int:
+    mean = frame.reshape(-1, 3).mean(axis=0)
+    return int(np.argmin(np.abs(COLOURS.astype(float) - mean).sum(axis=1)))
+
+
+def tone(freqs: tuple[float, ...], seconds: float, rate: int, amp: float = 0.5) -> np.ndarray:
+    """float32 [len(freqs), n]: one sine per channel."""
+    t = np.arange(round(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * np.asarray(freqs)[:, None] * t)).astype(np.float32)
+
+
+def dominant_frequency(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[np.argmax(spectrum)])
+
+
+def write_video(
+    path: Path,
+    frames: np.ndarray,
+    fps: int = 8,
+    *,
+    fmt: str = "mp4",
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    codec_options: dict[str, str] | None = None,
+    options: dict[str, str] | None = None,
+    pts_seconds: list[float] | None = None,
+    audio: np.ndarray | None = None,
+    audio_rate: int = 44100,
+) -> Path:
+    """Encode frames with PyAV; `pts_seconds` sets each frame's timestamp explicitly."""
+    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if codec_options:
+            stream.options = codec_options
+        if pts_seconds is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if pts_seconds is None:
+                frame.pts = i
+            else:
+                frame.pts, frame.time_base = round(pts_seconds[i] * 1000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+        if audio is not None:
+            _encode_audio(out, audio, audio_rate, "aac", audio_rate)
+    return path
+
+
+def _encode_audio(out, samples: np.ndarray, rate: int, codec: str, codec_rate: int) -> None:
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    stream = out.add_stream(codec, rate=codec_rate, layout=layout)
+    stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's own vorbis encoder
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int, *, fmt: str, codec: str, codec_rate: int | None = None) -> Path:
+    """Encode float32 [channels, n] with PyAV (mp3, opus, aac...)."""
+    with av.open(str(path), "w", format=fmt) as out:
+        _encode_audio(out, samples, rate, codec, codec_rate or rate)
+    return path
+
+
+def audio_only_mp4(path: Path) -> Path:
+    with av.open(str(path), "w", format="mp4") as out:
+        _encode_audio(out, tone((440.0,), 0.5, 44100), 44100, "aac", 44100)
+    return path
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header is rewritten to announce width x height (CRC fixed up), so
+    only a reader that decodes pixels would notice that the data is far too short."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC over type + data
+    path.write_bytes(bytes(data))
+    return path
