@@ -311,7 +311,7 @@ def write_png(path: PathLike, image: Image.Image | np.ndarray) -> Path:
 # ---------------------------------------------------------------------- audio & video
 @dataclass
 class Audio:
-    samples: np.ndarray  # float32 [channels, n] in [-1, 1]
+    samples: np.ndarray  # float32 [channels, n], full scale = 1 (not clipped)
     sample_rate: int
     silent: bool = False
 
@@ -546,7 +546,8 @@ def _decode_audio(
 
 
 def _make_audio(samples: np.ndarray, rate: int, name: str) -> Audio:
-    samples = np.clip(samples, -1.0, 1.0)  # lossy decoders overshoot slightly
+    # Not clipped: lossy decoders and float WAVs may exceed full scale slightly, and the
+    # official ImageBind loader (torchaudio) keeps those values.
     peak = float(np.abs(samples).max()) if samples.size else 0.0
     silent = peak < SILENCE_PEAK
     if silent:

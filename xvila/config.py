@@ -1,0 +1,139 @@
+"""`XVilaConfig`: one place for every size and id, with named presets.
+
+    XVilaConfig.from_name("xvila-7b")      # Vicuna-7B-1.5, ImageBind-huge, SD1.5, VideoCrafter2, AudioLDM
+    XVilaConfig.from_name("xvila-7b-4bit") # the same, LLM in 4-bit NF4 (bitsandbytes)
+    XVilaConfig.from_name("tiny-random")   # tiny random parts, built in seconds on a CPU, no network
+
+Base parts are named by where they load from (a Hub id or a folder); `None` means "build
+with random weights from the size given beside it" (tiny-random, and tests). Nothing here
+touches the network or builds a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
+from xvila.errors import ConfigError
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass
+class XVilaConfig:
+    name: str = "xvila-7b"
+
+    # --- LLM (transformers LlamaForCausalLM) -------------------------------------------
+    llm: str | None = "lmsys/vicuna-7b-v1.5"
+    llm_revision: str | None = "refs/pr/3"  # the safetensors conversion of Vicuna-7B-1.5
+    llm_config: dict | None = None  # LlamaConfig kwargs when `llm` is None (random weights)
+    load_in_4bit: bool = False  # NF4 with double quantisation, bf16 compute (QLoRA)
+    dtype: str = "float16"  # weights' dtype on a GPU; a CPU always runs float32
+    max_context: int = 4096
+    system_prompt: str = VICUNA_SYSTEM
+
+    # --- encoders ------------------------------------------------------------------------
+    imagebind: str | None = "nielsr/imagebind-huge"
+    imagebind_config: str | dict = "imagebind-huge"  # an ImageBindConfig preset or kwargs
+    clip_tokenizer: str | None = "openai/clip-vit-large-patch14"
+    # k: LLM input embeddings per media input. k = 1 projects the pooled ImageBind embedding
+    # (NExT-GPT style); k > 1 pools the trunk's token grid to k tokens.
+    tokens_per_input: dict[str, int] = field(default_factory=lambda: {IMAGE: 1, VIDEO: 1, AUDIO: 1})
+
+    # --- generation tokens and output projections ----------------------------------------
+    gen_tokens: dict[str, int] = field(default_factory=lambda: {IMAGE: 4, VIDEO: 24, AUDIO: 8})
+    # E_text shapes: SD1.5's CLIP-L (77x768), the video decoder's OpenCLIP-H (77x1024),
+    # AudioLDM's CLAP text embedding (512).
+    cond_shapes: dict[str, list[int]] = field(default_factory=lambda: {IMAGE: [77, 768], VIDEO: [77, 1024], AUDIO: [1, 512]})
+    p_out_dim: int = 512
+    p_out_layers: int = 2
+    p_out_heads: int = 8
+
+    # --- LoRA (peft), on q/k/v/o; NExT-GPT's settings, the paper gives none ---------------
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    # --- decoders (built by the decoder issue) -------------------------------------------
+    decoders: dict[str, str | None] = field(default_factory=lambda: {
+        IMAGE: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        VIDEO: "adamdad/videocrafterv2_diffusers",
+        AUDIO: "cvssp/audioldm-s-full-v2",
+    })
+    highway_alpha: float = 0.6  # VEH conditioning rate α (eq. 4); the demo's default
+
+    def __post_init__(self):
+        for key in ("tokens_per_input", "gen_tokens", "cond_shapes"):
+            d = getattr(self, key)
+            if set(d) != set(MEDIA_MODALITIES):
+                raise ConfigError(f"{key} must have exactly the keys {MEDIA_MODALITIES}, got {sorted(d)}")
+        if any(k < 1 for k in self.tokens_per_input.values()) or any(n < 1 for n in self.gen_tokens.values()):
+            raise ConfigError("tokens_per_input and gen_tokens must be at least 1")
+        if self.llm is None and not self.llm_config:
+            raise ConfigError("llm=None (random weights) needs llm_config")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"dtype must be float16, bfloat16 or float32, not {self.dtype!r}")
+        if not 0.0 <= self.highway_alpha <= 1.0:
+            raise ConfigError(f"highway_alpha must be in [0, 1], not {self.highway_alpha}")
+
+    # -------------------------------------------------------------------- (de)serialising
+    @classmethod
+    def from_name(cls, name: str) -> "XVilaConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "XVilaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown X-VILA config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "XVilaConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "XVilaConfig":
+        return replace(self, **changes)
+
+    def gen_token_names(self, modality: str) -> list[str]:
+        tag = {IMAGE: "IMG", VIDEO: "VID", AUDIO: "AUD"}[modality]
+        return [f"[{tag}{i}]" for i in range(self.gen_tokens[modality])]
+
+
+PRESETS: dict[str, dict] = {
+    "xvila-7b": {},
+    "xvila-7b-4bit": dict(load_in_4bit=True, dtype="bfloat16"),
+    "tiny-random": dict(
+        llm=None,
+        llm_revision=None,
+        llm_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        ),
+        dtype="float32",
+        max_context=1024,
+        imagebind=None,
+        imagebind_config="tiny",
+        clip_tokenizer=None,
+        cond_shapes={IMAGE: [77, 32], VIDEO: [77, 32], AUDIO: [1, 32]},
+        p_out_dim=32,
+        p_out_layers=1,
+        p_out_heads=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        decoders={IMAGE: None, VIDEO: None, AUDIO: None},
+    ),
+}
