@@ -13,13 +13,18 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTokenizer
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CLIPTokenizer, LlamaConfig, LlamaForCausalLM,
+)
 
+from xvila.config import PRESETS, XVilaConfig
 from xvila.encoders.clip_tokenizer import CLIP_TOKENIZER_REPO, ImageBindTokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.errors import WeightsUnavailableError
@@ -168,3 +173,181 @@ def load_imagebind_tokenizer(source: str | os.PathLike = CLIP_TOKENIZER_REPO, co
     if tokenizer.vocab_size < 258:  # fewer than the byte alphabet and the two special tokens
         raise WeightsUnavailableError(f"{what}: the vocabulary in {folder} is empty or broken")
     return tokenizer
+
+
+# ---------------------------------------------------------------------------- X-VILA
+# A checkpoint folder:
+#   config.json          XVilaConfig; base parts named by Hub id, or by a subfolder here
+#   tokenizer/           the LLM tokenizer with X-VILA's added tokens
+#   adapter/             peft: LoRA and the new tokens' embedding / LM-head rows
+#   xvila.safetensors    P_in and P_out
+#   llm/, imagebind/     only for base parts that have no Hub id (random, e.g. tiny-random)
+
+XVILA_WEIGHTS = "xvila.safetensors"
+
+
+def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; a CPU runs (and tests) in float32.
+    return getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
+
+
+def _hub_parts(config: XVilaConfig) -> list[tuple[str, str, str | None]]:
+    """(repo, a file that must be there, revision) of every base part named by Hub id."""
+    parts = []
+    if config.llm and not Path(config.llm).exists():
+        parts += [(config.llm, "config.json", config.llm_revision), (config.llm, "tokenizer_config.json", config.llm_revision)]
+    if config.imagebind and not Path(config.imagebind).exists():
+        parts.append((config.imagebind, "model.safetensors", None))
+    return parts
+
+
+def check_offline_availability(config: XVilaConfig) -> None:
+    """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
+    instead of failing on the first after minutes of loading."""
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    missing = [f"{repo} ({name})" for repo, name, rev in _hub_parts(config)
+               if not isinstance(try_to_load_from_cache(repo, name, revision=rev), str)]
+    if missing:
+        raise WeightsUnavailableError(
+            f"{config.name}: HF_HUB_OFFLINE is set and these repos are not in the local Hub cache: "
+            f"{', '.join(missing)}. Download them once with network (`huggingface-cli download REPO`), "
+            "or start from the offline preset `tiny-random`."
+        )
+
+
+def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size: int):
+    dtype = _torch_dtype(config, device)
+    kwargs: dict = {"dtype": dtype}
+    if not Path(source).exists():
+        kwargs["revision"] = config.llm_revision
+    if config.load_in_4bit:
+        if device.type != "cuda":
+            raise WeightsUnavailableError(f"{config.name}: 4-bit loading needs a CUDA GPU (bitsandbytes)")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if device.type == "cuda":  # straight onto the GPU, not through a CPU copy
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        llm, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    except OSError as err:
+        raise WeightsUnavailableError(f"LLM ({source}): {err}") from err
+    if info.get("missing_keys"):  # transformers only warns; a missing weight is an error here
+        raise WeightsUnavailableError(f"LLM ({source}): the checkpoint lacks {sorted(info['missing_keys'])[:8]}")
+    llm.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return llm
+
+
+def _random_llm(config: XVilaConfig, vocab_size: int):
+    llm_config = LlamaConfig(vocab_size=vocab_size, **config.llm_config)
+    llm_config.bos_token_id, llm_config.eos_token_id = 1, 2
+    return LlamaForCausalLM(llm_config)
+
+
+def _resolve_part(value: str | None, folder: Path | None) -> str | None:
+    """A part named by a subfolder of the checkpoint resolves against it."""
+    if value is not None and folder is not None and (folder / value).exists():
+        return str(folder / value)
+    return value
+
+
+def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, folder: Path | None = None, seed: int = 0):
+    """An XVila from `config`: base parts loaded (or random where named None), X-VILA parts
+    fresh (seeded) unless `folder` is a checkpoint to read them from."""
+    from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
+    from xvila.model import XVila
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_offline_availability(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ib_source = _resolve_part(config.imagebind, folder)
+        if ib_source is None:
+            ib_cfg = config.imagebind_config
+            imagebind = ImageBind(ImageBindConfig.from_name(ib_cfg) if isinstance(ib_cfg, str) else ImageBindConfig(**ib_cfg))
+            imagebind.eval().requires_grad_(False)
+        else:
+            imagebind = load_imagebind(ib_source)
+        llm_source = _resolve_part(config.llm, folder)
+        if folder is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        elif llm_source is None:
+            tokenizer = toy_llama_tokenizer()
+        else:
+            tokenizer = _load_llm_tokenizer(config, llm_source)
+        new_ids = add_xvila_tokens(tokenizer, config)
+        llm = _random_llm(config, len(tokenizer)) if llm_source is None else _load_llm(config, llm_source, device, len(tokenizer))
+        if folder is not None:
+            llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=True)
+        else:
+            llm = wrap_lora(llm, config, new_ids)
+        model = XVila(config, imagebind, llm, tokenizer)
+    if folder is not None:
+        parts = read_state_dict(folder / XVILA_WEIGHTS)
+        load_strict(nn.ModuleDict({"p_in": model.p_in, "p_out": model.p_out}), parts, f"X-VILA parts ({folder})")
+    if not config.load_in_4bit:  # a quantised LLM is already placed by its loader
+        model.llm.to(device=device, dtype=_torch_dtype(config, device))
+    model.imagebind.to(device=device, dtype=_torch_dtype(config, device))
+    model.p_in.to(device)
+    model.p_out.to(device)
+    return model.eval()
+
+
+def _load_llm_tokenizer(config: XVilaConfig, source: str):
+    kwargs = {} if Path(source).exists() else {"revision": config.llm_revision}
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise WeightsUnavailableError(f"LLM tokenizer ({source}): {err}") from err
+
+
+def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None):
+    """A preset name, a checkpoint folder, or a Hub repo holding one."""
+    if isinstance(source, str) and source in PRESETS:
+        return build_xvila(XVilaConfig.from_name(source), device)
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        if str(source).count("/") != 1:
+            raise WeightsUnavailableError(
+                f"{source} is neither a preset ({', '.join(PRESETS)}), a checkpoint folder, nor a Hub repo id"
+            )
+        try:
+            folder = Path(snapshot_download(str(source)))
+        except (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as err:
+            raise WeightsUnavailableError(f"X-VILA checkpoint {source}: could not get it from the Hub ({err})") from err
+    if not (folder / "config.json").is_file():
+        raise WeightsUnavailableError(f"{folder} is not an X-VILA checkpoint: it has no config.json")
+    return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder)
+
+
+def _base_llm_state(llm) -> dict[str, torch.Tensor]:
+    """The base LLM's own weights, without peft's wrappers and adapters."""
+    state = {}
+    for key, value in llm.get_base_model().state_dict().items():
+        if "lora_" in key or "trainable_tokens_" in key:
+            continue
+        state[key.replace("token_adapter.base_layer.", "").replace(".base_layer.", ".")] = value
+    return state
+
+
+def save_xvila(model, folder: str | os.PathLike) -> Path:
+    """Writes the checkpoint folder (see the layout above); base parts with a Hub id are
+    referenced, random ones are written into it."""
+    folder = Path(folder)
+    config = model.config
+    changes = {}
+    if config.llm is None:
+        base = model.llm.get_base_model()
+        write_safetensors(_base_llm_state(model.llm), folder / "llm" / "model.safetensors", metadata={"format": "pt"})
+        write_json(base.config.to_dict(), folder / "llm" / "config.json")
+        changes.update(llm="llm", llm_revision=None)
+    if config.imagebind is None:
+        save_imagebind(model.imagebind, folder / "imagebind")
+        changes.update(imagebind="imagebind")
+    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    model.llm.save_pretrained(str(folder / "adapter"))
+    write_safetensors({**{f"p_in.{k}": v for k, v in model.p_in.state_dict().items()},
+                       **{f"p_out.{k}": v for k, v in model.p_out.state_dict().items()}}, folder / XVILA_WEIGHTS)
+    write_json(config.replace(**changes).to_dict(), folder / "config.json")  # last: marks the folder complete
+    return folder

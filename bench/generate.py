@@ -1,0 +1,95 @@
+"""Time to first token and decode speed of one chat turn (one image in, 128 tokens out).
+
+    python bench/generate.py                         # tiny-random, on whatever device is present
+    python bench/generate.py --preset random-7b      # Vicuna-7B-sized LLM + ImageBind-huge, random weights (GPU)
+    python bench/generate.py --preset xvila-7b       # the real weights (needs the Hub or a warm cache)
+    python bench/generate.py --static-cache --compile
+
+Random weights time the same as real ones. The reply is forced to plain text of exactly
+--tokens tokens (`</s>` masked, generation tokens masked), so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xvila.checkpoint import build_xvila  # noqa: E402
+from xvila.config import XVilaConfig  # noqa: E402
+from xvila.engine import Engine  # noqa: E402
+from xvila.model import XVila  # noqa: E402
+
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def load(preset: str, device: torch.device) -> XVila:
+    if preset != "random-7b":
+        return XVila.from_pretrained(preset, device=device)
+    config = XVilaConfig.from_name("xvila-7b").replace(
+        name="random-7b", llm=None, llm_revision=None, llm_config=VICUNA_7B, imagebind=None, clip_tokenizer=None,
+    )
+    dtype = getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # build straight on the device: a CPU copy of 7B would take minutes
+            return build_xvila(config, device)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny-random")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--static-cache", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the one-token step (CUDA)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model = load(args.preset, device)
+    chat = model.new_chat()
+    chat.engine = Engine(model, static_cache=args.static_cache, compile=args.compile)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "photo.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(image)
+        rows = []
+        for run in range(args.runs + 1):  # the first run warms up (and compiles)
+            chat.reset()
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            t0 = time.perf_counter()
+            first = None
+            for ev in chat.send("Describe this photo.", media=[str(image)], output="text", temperature=0.7,
+                                max_new_tokens=args.tokens, seed=run):
+                if ev.kind == "text":
+                    sync()
+                    first = first or time.perf_counter()
+            sync()
+            end = time.perf_counter()
+            if run:
+                rows.append((first - t0, args.tokens / (end - first)))
+    ttft = statistics.median(r[0] for r in rows)
+    tps = statistics.median(r[1] for r in rows)
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| preset | device | cache | compile | TTFT (s) | decode tok/s | peak GPU memory |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {args.preset} | {name} | {'static' if args.static_cache or args.compile else 'dynamic'} | "
+          f"{args.compile} | {ttft:.3f} | {tps:.1f} | {mem} |")
+    print(f"(median of {args.runs} runs after a warm-up; {args.tokens} new tokens, one {args.preset} turn with one image)")
+
+
+if __name__ == "__main__":
+    main()

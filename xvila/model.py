@@ -1,0 +1,199 @@
+"""`XVila`: ImageBind -> P_in -> LLM (LoRA, generation tokens) -> P_out.
+
+The module holds its parts and does the maths; weights are read and written by
+`xvila.checkpoint` (`XVila.from_pretrained` / `save_pretrained` delegate there), and turns
+are run by `xvila.chat.Chat` with `xvila.engine.Engine`.
+
+Training forward (`forward_train`) returns named losses:
+- `lm`: next-token cross-entropy on the assistants' tokens only (labels from
+  `xvila.conversation.tokenize`);
+- `align/<modality>`: MSE between P_out(S_gen) and the decoder text encoder's embedding of
+  the caption (E_text targets, precomputed tensors), for each generation-token run.
+What trains in each phase is `set_trainable(phase)`, the one place that decides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xvila.config import XVilaConfig
+from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
+from xvila.conversation import IGNORE_INDEX, PLACEHOLDERS
+from xvila.encoders import imagebind_preprocess as pre
+from xvila.encoders.imagebind import AUDIO as IB_AUDIO
+from xvila.encoders.imagebind import VISION as IB_VISION
+from xvila.encoders.imagebind import ImageBind
+from xvila.errors import ConfigError
+from xvila.projections import InputProjection, OutputProjection
+
+IB_KEY = {IMAGE: IB_VISION, VIDEO: IB_VISION, AUDIO: IB_AUDIO}
+
+# Parameter groups by name; `set_trainable` turns whole groups on.
+GROUPS = {
+    "p_in": lambda n: n.startswith("p_in."),
+    "p_out": lambda n: n.startswith("p_out."),
+    "new_tokens": lambda n: "trainable_tokens_delta" in n,
+    "lora": lambda n: "lora_" in n,
+}
+PHASES = {
+    "1": ("p_in", "p_out", "new_tokens"),
+    "2": ("p_in", "p_out", "new_tokens", "lora"),
+    "3a": ("p_in", "p_out", "new_tokens", "lora"),
+}
+
+
+@dataclass
+class MediaInput:
+    """One encoded input: its LLM embeddings and, for visual inputs, E_vis for the highway."""
+
+    modality: str
+    embeds: torch.Tensor  # [k, hidden]
+    highway: torch.Tensor | None = None  # [H, W, C] (image) or [S, H, W, C] (video clips)
+    source: str | None = None
+
+
+class XVila(nn.Module):
+    def __init__(self, config: XVilaConfig, imagebind: ImageBind, llm, tokenizer):
+        super().__init__()
+        self.config = config
+        self.imagebind = imagebind
+        self.llm = llm  # peft.PeftModel around LlamaForCausalLM
+        self.tokenizer = tokenizer
+        hidden = llm.get_base_model().config.hidden_size
+        ib = imagebind.config
+        trunk_dim = {IMAGE: ib.vision_embed_dim, VIDEO: ib.vision_embed_dim, AUDIO: ib.audio_embed_dim}
+        k = config.tokens_per_input
+        self.p_in = nn.ModuleDict({
+            m: InputProjection(ib.out_embed_dim if k[m] == 1 else trunk_dim[m], hidden, k[m]) for m in MEDIA_MODALITIES
+        })
+        self.p_out = nn.ModuleDict({
+            m: OutputProjection(hidden, config.cond_shapes[m], config.p_out_dim, config.p_out_layers, config.p_out_heads)
+            for m in MEDIA_MODALITIES
+        })
+        ids = tokenizer.convert_tokens_to_ids
+        self.placeholder_ids = {m: ids(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
+        self.gen_ids = {m: ids(config.gen_token_names(m)) for m in MEDIA_MODALITIES}
+        if tokenizer.unk_token_id in set(self.placeholder_ids.values()) | {i for v in self.gen_ids.values() for i in v}:
+            raise ConfigError("the tokenizer lacks X-VILA's added tokens (see xvila.llm.add_xvila_tokens)")
+
+    # ------------------------------------------------------------------ entry points
+    @classmethod
+    def from_pretrained(cls, source: str = "tiny-random", device: str | torch.device | None = None) -> "XVila":
+        """A preset name (`xvila-7b`, `xvila-7b-4bit`, `tiny-random`), a folder written by
+        `save_pretrained`, or a Hub repo id holding such a folder."""
+        from xvila.checkpoint import load_xvila
+
+        return load_xvila(source, device=device)
+
+    def save_pretrained(self, folder) -> None:
+        from xvila.checkpoint import save_xvila
+
+        save_xvila(self, folder)
+
+    def new_chat(self, system_prompt: str | None = None):
+        from xvila.chat import Chat
+
+        return Chat(self, system_prompt)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def device(self) -> torch.device:
+        return next(self.p_in.parameters()).device
+
+    @property
+    def backbone(self):
+        """The Llama decoder stack (with LoRA layers injected): hidden states, no LM head."""
+        return self.llm.get_base_model().model
+
+    @property
+    def lm_head(self):
+        return self.llm.get_base_model().lm_head
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    # ------------------------------------------------------------------ media in
+    @torch.no_grad()
+    def encode_media(self, path: str, modality: str) -> MediaInput:
+        """Decode, preprocess and encode one file; the result is cached in the chat history."""
+        load = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}[modality]
+        x = load(path)[None].to(self.device, self.imagebind_dtype)
+        out = self.imagebind.encode({IB_KEY[modality]: x}, tokens=self.config.tokens_per_input[modality] > 1,
+                                    vision_blocks=modality != AUDIO)
+        embeds = self.project_media(modality, out.embeds[IB_KEY[modality]], out.tokens.get(IB_KEY[modality]))
+        highway = out.vision_blocks[0] if out.vision_blocks is not None else None
+        return MediaInput(modality, embeds[0], highway, source=str(path))
+
+    @property
+    def imagebind_dtype(self) -> torch.dtype:
+        return next(self.imagebind.parameters()).dtype
+
+    def project_media(self, modality: str, pooled: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """ImageBind output -> [N, k, hidden] in the LLM's dtype."""
+        if tokens is not None and tokens.ndim == 4:  # [N, S, L, D]: clips of a video or audio
+            tokens = tokens.mean(dim=1)
+        p = self.p_in[modality]
+        dtype = p.proj.weight.dtype
+        return p(pooled.to(dtype), None if tokens is None else tokens.to(dtype))
+
+    def splice(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each placeholder run replaced by its input's embeddings.
+
+        `media[m]` is [N_m, k, hidden], in the order the placeholders of m appear
+        (row-major over the batch)."""
+        embeds = self.embed_tokens(input_ids)
+        for m, x in media.items():
+            mask = input_ids == self.placeholder_ids[m]
+            rows = x.reshape(-1, x.shape[-1]).to(embeds.dtype)
+            if int(mask.sum()) != rows.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {m} placeholder tokens but {rows.shape[0]} embeddings")
+            embeds = embeds.masked_scatter(mask[..., None], rows)
+        return embeds
+
+    def gen_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """Hidden states at the positions of `modality`'s generation tokens: [runs, n, hidden]."""
+        n = len(self.gen_ids[modality])
+        mask = torch.isin(input_ids, torch.tensor(self.gen_ids[modality], device=input_ids.device))
+        return hidden[mask].reshape(-1, n, hidden.shape[-1])
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, input_ids, labels, attention_mask=None, media=None, targets=None) -> dict[str, torch.Tensor]:
+        """Named losses for a batch.
+
+        media:   {m: {"pooled": [N, out_dim], "tokens": [N, (S,) L, D] or absent}} ImageBind
+                 features of the inputs, in placeholder order (precomputable).
+        targets: {m: [runs, L, C]} E_text targets, one per generation-token run of m, in order.
+        """
+        embeds = self.splice(input_ids, {m: self.project_media(m, f["pooled"], f.get("tokens"))
+                                         for m, f in (media or {}).items()})
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.lm_head(hidden[:, :-1]).float()
+        losses = {"lm": F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)}
+        for m, target in (targets or {}).items():
+            pred = self.p_out[m](self.gen_states(hidden, input_ids, m))
+            losses[f"align/{m}"] = F.mse_loss(pred.float(), target.to(pred.device).float())
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def set_trainable(self, phase: str, verbose: bool = True) -> dict[str, int]:
+        """Unfreeze exactly the groups phase `phase` trains; returns parameter counts per group."""
+        if phase not in PHASES:
+            raise ConfigError(f"unknown phase {phase!r}; phases: {sorted(PHASES)} (3b trains the decoders)")
+        groups = PHASES[phase]
+        counts = dict.fromkeys(groups, 0)
+        frozen = 0
+        for name, p in self.named_parameters():
+            group = next((g for g in groups if GROUPS[g](name)), None)
+            p.requires_grad_(group is not None)
+            if group is None:
+                frozen += p.numel()
+            else:
+                counts[group] += p.numel()
+        if verbose:
+            trained = ", ".join(f"{g} {c:,}" for g, c in counts.items())
+            print(f"phase {phase} trains {sum(counts.values()):,} parameters ({trained}); {frozen:,} frozen")
+        return counts
