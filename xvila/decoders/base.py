@@ -1,0 +1,185 @@
+"""What every decoder provides, and the one denoising loop they all share.
+
+A decoder (`ImageDecoder`, `VideoDecoder`, `AudioDecoder`) holds diffusers/transformers
+parts that load once and stay resident; it says how to condition its U-Net on E_text, what
+latent shape to start from, and how to turn latents into a file. `denoise()` is the loop:
+
+    1. scheduler timesteps (DPM-Solver++ multistep by default, `steps` a setting)
+    2. seeded initial noise
+    3. for each step: classifier-free guidance over [negative, E_text]; the visual
+       controller's residuals on the steps with t < T·α (eq. 4), none on the others;
+       a progress callback; cancellation between steps
+    4. the final latents
+
+The diffusers text-to-video and AudioLDM pipelines are deprecated, and the highway needs
+per-step control, hence our own loop over the library's models and schedulers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xvila.decoders.controller import prepare_e_vis
+from xvila.errors import XVilaError
+
+
+class Cancelled(XVilaError):
+    """Generation was stopped between two steps."""
+
+
+@dataclass
+class DecodeSettings:
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    alpha: float = 0.6  # VEH conditioning rate: residuals on steps with t < T·alpha
+    height: int | None = None  # None: the decoder's default
+    width: int | None = None
+    frames: int = 16  # video
+    fps: int = 8  # video: the frame rate written, and VideoCrafter2's fps condition
+    seconds: float = 5.0  # audio
+
+
+# (step done, steps in all) -> None; the demo turns it into a progress bar.
+ProgressFn = Callable[[int, int], None]
+
+
+class Decoder(nn.Module):
+    """Base class: subclasses set `modality`, `unet`, `scheduler` and implement the hooks."""
+
+    modality: str = ""
+    file_suffix: str = ""
+    unet: nn.Module
+    scheduler: object  # a diffusers scheduler
+    controller: nn.Module | None  # the visual controller (image and video only)
+
+    def __init__(self):
+        super().__init__()
+        # An instance attribute, not a class default: a class-level None would shadow the
+        # submodule that nn.Module registers when a controller is assigned later.
+        self.controller = None
+
+    # -- hooks ------------------------------------------------------------------------
+    def latent_shape(self, s: DecodeSettings) -> tuple[int, ...]:
+        """Shape of one sample's initial latents (without the batch dimension)."""
+        raise NotImplementedError
+
+    def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
+        """U-Net keyword arguments for a batch of E_text (`encoder_hidden_states=...`, or
+        `class_labels=...` for AudioLDM, plus e.g. fps for VideoCrafter2)."""
+        raise NotImplementedError
+
+    def negative_condition(self) -> torch.Tensor:
+        """E_text of the empty prompt, for classifier-free guidance (computed once)."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """The decoder's own text encoder: Text-Aligned decoding, and phase-1/3a targets."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor, s: DecodeSettings):
+        """Latents of one sample -> a numpy array of the medium."""
+        raise NotImplementedError
+
+    def write(self, media, path: Path, s: DecodeSettings) -> Path:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def highway_residuals(self, e_vis: torch.Tensor, latent_shape: tuple[int, ...], s: DecodeSettings):
+        """(down residuals, mid residual) for one sample from a chat input's E_vis
+        ([H, W, C], or [S, H, W, C] for a video); None for a decoder without a controller."""
+        if self.controller is None:
+            return None
+        return self.controller(prepare_e_vis(e_vis).to(self.device, self.dtype), latent_shape)
+
+
+def use_highway(t, num_train_timesteps: int, alpha: float) -> bool:
+    """Eq. 4: the controller's residuals go in on the steps with t < T·alpha."""
+    return float(t) < num_train_timesteps * alpha
+
+
+@torch.no_grad()
+def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
+            progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The shared denoising loop for one sample; returns its final latents [1, *latent_shape]."""
+    device, dtype = decoder.device, decoder.dtype
+    scheduler = decoder.scheduler
+    # 1. timesteps
+    scheduler.set_timesteps(s.steps, device=device)
+    T = scheduler.config.num_train_timesteps
+    # 2. initial noise, seeded on the CPU so that a seed gives the same output on any device
+    shape = decoder.latent_shape(s)
+    g = torch.Generator().manual_seed(s.seed)
+    latents = (torch.randn((1, *shape), generator=g) * scheduler.init_noise_sigma).to(device, dtype)
+    # 3. conditioning: [negative, positive] for classifier-free guidance
+    cfg = s.guidance > 1.0
+    e = e_text.to(device, dtype)[None] if e_text.dim() == 2 else e_text.to(device, dtype)
+    if cfg:
+        e = torch.cat([decoder.negative_condition().to(device, dtype).expand_as(e), e])
+    cond = decoder.unet_condition(e, s)
+    residuals = decoder.highway_residuals(e_vis, shape, s) if e_vis is not None else None
+    if residuals is not None and cfg:  # the same guidance signal on both halves, as ControlNet
+        down, mid = residuals
+        residuals = ([torch.cat([r, r]) for r in down], torch.cat([mid, mid]))
+    # 4. denoising loop
+    for i, t in enumerate(scheduler.timesteps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped after {i} of {s.steps} steps")
+        x = torch.cat([latents, latents]) if cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        extra = {}
+        if residuals is not None and use_highway(t, T, s.alpha):
+            extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]}
+        noise = decoder.unet(x, t, **cond, **extra, return_dict=False)[0]
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + s.guidance * (text - uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        if progress is not None:
+            progress(i + 1, s.steps)
+    return latents
+
+
+def generate(decoder: Decoder, e_text: torch.Tensor, path: Path, s: DecodeSettings, e_vis: torch.Tensor | None = None,
+             progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
+    """E_text (+ E_vis) -> a written file."""
+    latents = denoise(decoder, e_text, s, e_vis, progress, should_stop)
+    with torch.no_grad():
+        media = decoder.decode_latents(latents, s)
+    return decoder.write(media, Path(path), s)
+
+
+def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_vis: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Phase 3b's objective: the U-Net's noise-prediction loss with the controller's residuals.
+
+    x0: clean latents [B, *latent_shape] (VAE-encoded targets, precomputable); e_text:
+    [B, L, C]; e_vis: [B, H, W, C] or None. The residuals go in at every sampled t: eq. 4's
+    α only schedules them at inference, and α may be 1, so the controller must learn every
+    noise level. The target follows the scheduler's `prediction_type` (epsilon or v).
+    """
+    config = decoder.scheduler.config
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    noisy = decoder.scheduler.add_noise(x0, noise, t)
+    extra = {}
+    if e_vis is not None and decoder.controller is not None:
+        down, mid = decoder.controller(e_vis.to(x0.dtype), tuple(x0.shape[1:]))
+        extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    pred = decoder.unet(noisy, t, **decoder.unet_condition(e_text.to(x0.dtype), DecodeSettings()), **extra,
+                        return_dict=False)[0]
+    target = decoder.scheduler.get_velocity(x0, noise, t) if config.prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
