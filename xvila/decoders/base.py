@@ -111,10 +111,12 @@ def use_highway(t, num_train_timesteps: int, alpha: float) -> bool:
     return float(t) < num_train_timesteps * alpha
 
 
-@torch.no_grad()
-def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
-            progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """The shared denoising loop for one sample; returns its final latents [1, *latent_shape]."""
+@torch.no_grad()  # torch applies it around each resumption of the generator
+def iter_denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+    """The shared denoising loop for one sample, as a generator: yields the number of steps
+    done after each step, and returns the final latents [1, *latent_shape] (StopIteration's
+    value), so that a chat can stream progress without threads."""
     device, dtype = decoder.device, decoder.dtype
     scheduler = decoder.scheduler
     # 1. timesteps
@@ -130,11 +132,14 @@ def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: to
     if cfg:
         e = torch.cat([decoder.negative_condition().to(device, dtype).expand_as(e), e])
     cond = decoder.unet_condition(e, s)
-    residuals = decoder.highway_residuals(e_vis, shape, s) if e_vis is not None else None
+    # 4. the highway: residuals depend on E_vis only, so they are computed once
+    residuals = None
+    if e_vis is not None and s.alpha > 0:
+        residuals = decoder.highway_residuals(e_vis, shape, s)
     if residuals is not None and cfg:  # the same guidance signal on both halves, as ControlNet
         down, mid = residuals
         residuals = ([torch.cat([r, r]) for r in down], torch.cat([mid, mid]))
-    # 4. denoising loop
+    # 5. denoising loop
     for i, t in enumerate(scheduler.timesteps):
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped after {i} of {s.steps} steps")
@@ -148,9 +153,22 @@ def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: to
             uncond, text = noise.chunk(2)
             noise = uncond + s.guidance * (text - uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        if progress is not None:
-            progress(i + 1, s.steps)
+        yield i + 1
     return latents
+
+
+@torch.no_grad()
+def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
+            progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """`iter_denoise` run to the end, with an optional (step, steps) progress callback."""
+    steps = iter_denoise(decoder, e_text, s, e_vis, should_stop)
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as end:
+            return end.value
+        if progress is not None:
+            progress(done, s.steps)
 
 
 def generate(decoder: Decoder, e_text: torch.Tensor, path: Path, s: DecodeSettings, e_vis: torch.Tensor | None = None,
