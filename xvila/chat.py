@@ -15,13 +15,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 
 from xvila import media as media_io
+from xvila.constants import IMAGE, VIDEO
+from xvila.decoders.base import DecodeSettings, iter_denoise
 from xvila.conversation import Turn, render, tokenize
 from xvila.engine import Engine, Sampling
 from xvila.errors import XVilaError
 from xvila.model import MediaInput
+
+
+VISUAL_DECODERS = (IMAGE, VIDEO)  # the decoders with a visual controller
 
 
 class ContextOverflowError(XVilaError, ValueError):
@@ -35,13 +44,18 @@ class OutputError(XVilaError, ValueError):
 @dataclass
 class Event:
     """`kind` "text": `text` holds newly generated characters.
-    `kind` "media": a generated medium; `modality`, `condition` (E_text for the decoder),
-    `states` (S_gen) and, once a decoder has written it, `path`."""
+    `kind` "progress": a decoder finished `step` of `steps` for `modality` (and `variant`).
+    `kind` "media": a generated medium: `modality`, `path` (the written file, when the model
+    has a decoder for it), `variant` ("TA", "TA+VEH" or "text-aligned"), `condition` (the
+    E_text the decoder used) and `states` (S_gen)."""
 
     kind: str
     text: str = ""
     modality: str | None = None
     path: str | None = None
+    variant: str | None = None
+    step: int = 0
+    steps: int = 0
     condition: torch.Tensor | None = None
     states: torch.Tensor | None = None
 
@@ -55,11 +69,21 @@ class _Record:
 
 
 class Chat:
-    def __init__(self, model, system_prompt: str | None = None, engine: Engine | None = None):
+    def __init__(self, model, system_prompt: str | None = None, engine: Engine | None = None,
+                 outputs_dir: str | Path | None = None):
         self.model = model
         self.system_prompt = system_prompt if system_prompt is not None else model.config.system_prompt
         self.engine = engine or Engine(model)
         self.records: list[_Record] = []
+        self._outputs_dir = Path(outputs_dir) if outputs_dir else None
+
+    @property
+    def outputs_dir(self) -> Path:
+        """Where generated files go (a fresh temporary folder unless given)."""
+        if self._outputs_dir is None:
+            self._outputs_dir = Path(tempfile.mkdtemp(prefix="xvila-chat-"))
+        self._outputs_dir.mkdir(parents=True, exist_ok=True)
+        return self._outputs_dir
 
     # ------------------------------------------------------------------ history
     def undo(self) -> None:
@@ -78,16 +102,28 @@ class Chat:
     def send(self, text: str, media: list[str] | tuple[str, ...] = (), output: str | None = None,
              highway: bool = True, alpha: float | None = None, seed: int = 0,
              max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+             decode: DecodeSettings | None = None, decoding: str = "embed", compare: bool = False,
              should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Streams the reply to `text` (+ `media` files) as events; the turn joins the history.
 
         Bad input (unreadable media, placeholders that do not match, an unknown `output`)
         raises a typed error before anything is generated and leaves the history as it was.
-        `highway` and `alpha` are the visual embedding highway's switch and rate (used by
-        the decoders).
+
+        Media: `decoding="embed"` conditions the decoder on P_out(S_gen) (TA), plus the
+        visual embedding highway when `highway` is on, the conversation has a visual input
+        and the decoder is visual (TA+VEH, rate `alpha`, default from the config);
+        `decoding="text"` is Text-Aligned decoding: the reply's text, read by the decoder's
+        own text encoder. `compare=True` renders TA and TA+VEH from the same seed.
+        `decode` holds the decoders' settings (steps, guidance, size, frames, seconds).
         """
         if output not in (None, "text", *self.model.gen_ids):
             raise OutputError(f"output must be None, 'text', 'image', 'video' or 'audio', not {output!r}")
+        if decoding not in ("embed", "text"):
+            raise OutputError(f"decoding must be 'embed' or 'text', not {decoding!r}")
+        alpha = self.model.config.highway_alpha if alpha is None else alpha
+        if not 0.0 <= alpha <= 1.0:
+            raise OutputError(f"alpha must be between 0 and 1, not {alpha}")
+        decode = replace(decode or DecodeSettings(), seed=seed, alpha=alpha if highway else 0.0)
         inputs = [self.model.encode_media(p, media_io.media_kind(p)) for p in media]
         record = _Record(text, inputs)
         sampling = Sampling(max_new_tokens, temperature, top_p)
@@ -95,23 +131,72 @@ class Chat:
         self.records.append(record)
         reply: list[int] = []
         shown = ""
-        for step in self.engine.generate(embeds, sampling, output=output, seed=seed, should_stop=should_stop):
-            if step.modality is None:
-                reply.append(step.token_id)
-                # Decode the whole reply each time: tokens that start a multi-byte character
-                # or a word are shown only once they decode cleanly.
-                now = self.model.tokenizer.decode(reply, skip_special_tokens=True)
-                if len(now) > len(shown) and not now.endswith("\ufffd"):
-                    yield Event("text", text=now[len(shown):])
-                    shown = now
-                continue
-            reply += self.model.gen_ids[step.modality]
-            with torch.no_grad():
-                condition = self.model.p_out[step.modality](step.states[None].to(self.model.device))[0]
-            event = Event("media", modality=step.modality, condition=condition, states=step.states)
+        try:
+            for step in self.engine.generate(embeds, sampling, output=output, seed=seed, should_stop=should_stop):
+                if step.modality is None:
+                    reply.append(step.token_id)
+                    # Decode the whole reply each time: tokens that start a multi-byte character
+                    # or a word are shown only once they decode cleanly.
+                    now = self.model.tokenizer.decode(reply, skip_special_tokens=True)
+                    if len(now) > len(shown) and not now.endswith("\ufffd"):
+                        yield Event("text", text=now[len(shown):])
+                        shown = now
+                    continue
+                reply += self.model.gen_ids[step.modality]
+                caption = shown.strip() or text
+                yield from self._media(record, step, decode, decoding, compare, caption, should_stop)
+        finally:
+            # Also when the consumer stops early (a closed stream, a cancelled turn): the
+            # history keeps what was generated, so the next prompt stays well formed.
+            record.assistant = self.model.tokenizer.decode(reply, skip_special_tokens=False).strip()
+
+    def _visual_input(self) -> MediaInput | None:
+        """The latest image or video in the conversation: the highway's source."""
+        for r in reversed(self.records):
+            for i in reversed(r.inputs):
+                if i.highway is not None:
+                    return i
+        return None
+
+    def _media(self, record: _Record, step, s: DecodeSettings, decoding: str, compare: bool, caption: str,
+               should_stop) -> Iterator[Event]:
+        """One generation-token run -> media events (with files when there is a decoder)."""
+        m = step.modality
+        with torch.no_grad():
+            condition = self.model.p_out[m](step.states[None].to(self.model.device))[0]
+        if m not in self.model.decoders:
+            event = Event("media", modality=m, condition=condition, states=step.states, variant="TA")
             record.outputs.append(event)
             yield event
-        record.assistant = self.model.tokenizer.decode(reply, skip_special_tokens=False).strip()
+            return
+        visual = self._visual_input() if m in VISUAL_DECODERS else None
+        if decoding == "text":
+            variants = [("text-aligned", None)]
+        elif compare and visual is not None:
+            variants = [("TA", None), ("TA+VEH", visual.highway)]
+        else:
+            variants = [("TA+VEH", visual.highway) if visual is not None and s.alpha > 0 else ("TA", None)]
+        with self.model.decoder_ready(m) as decoder:
+            if decoding == "text":
+                with torch.no_grad():
+                    condition = decoder.encode_text([caption])[0]
+            for variant, e_vis in variants:
+                steps = iter_denoise(decoder, condition, s, e_vis, should_stop)
+                while True:
+                    try:
+                        done = next(steps)
+                    except StopIteration as end:
+                        latents = end.value
+                        break
+                    yield Event("progress", modality=m, variant=variant, step=done, steps=s.steps)
+                with torch.no_grad():
+                    media = decoder.decode_latents(latents, s)
+                name = f"{len(self.records):03d}-{m}-{variant.replace('+', '-').lower()}{decoder.file_suffix}"
+                path = decoder.write(media, self.outputs_dir / name, s)
+                event = Event("media", modality=m, path=str(path), variant=variant, condition=condition,
+                              states=step.states)
+                record.outputs.append(event)
+                yield event
 
     def _prompt(self, record: _Record, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and embeddings of the conversation so far plus `record`, oldest turns

@@ -191,22 +191,24 @@ def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
 
 
-def _hub_parts(config: XVilaConfig) -> list[tuple[str, str, str | None]]:
-    """(repo, a file that must be there, revision) of every base part named by Hub id."""
+def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str, str | None]]:
+    """(repo, a file that must be there, revision) of every base part named by Hub id
+    (parts stored in the checkpoint folder, or given as local paths, are not)."""
     parts = []
-    if config.llm and not Path(config.llm).exists():
-        parts += [(config.llm, "config.json", config.llm_revision), (config.llm, "tokenizer_config.json", config.llm_revision)]
-    if config.imagebind and not Path(config.imagebind).exists():
-        parts.append((config.imagebind, "model.safetensors", None))
+    llm, imagebind = _resolve_part(config.llm, folder), _resolve_part(config.imagebind, folder)
+    if llm and not Path(llm).exists():
+        parts += [(llm, "config.json", config.llm_revision), (llm, "tokenizer_config.json", config.llm_revision)]
+    if imagebind and not Path(imagebind).exists():
+        parts.append((imagebind, "model.safetensors", None))
     return parts
 
 
-def check_offline_availability(config: XVilaConfig) -> None:
+def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
     """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
     instead of failing on the first after minutes of loading."""
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         return
-    missing = [f"{repo} ({name})" for repo, name, rev in _hub_parts(config)
+    missing = [f"{repo} ({name})" for repo, name, rev in _hub_parts(config, folder)
                if not isinstance(try_to_load_from_cache(repo, name, revision=rev), str)]
     if missing:
         raise WeightsUnavailableError(
@@ -259,7 +261,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     from xvila.model import XVila
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_offline_availability(config)
+    check_offline_availability(config, folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ib_source = _resolve_part(config.imagebind, folder)

@@ -51,6 +51,7 @@ class Engine:
         self.gen_ids = model.gen_ids
         self.first_of = {ids[0]: m for m, ids in self.gen_ids.items()}
         self.later_ids = [i for ids in self.gen_ids.values() for i in ids[1:]]
+        self.placeholder_ids = list(model.placeholder_ids.values())
         self.static_cache = static_cache or compile
         self._step = self._forward
         if compile and model.device.type == "cuda":
@@ -82,13 +83,23 @@ class Engine:
         new_tokens = 0
         while not (should_stop and should_stop()):
             forced = output if output in MEDIA_MODALITIES and output not in produced else None
-            reserve = len(self.gen_ids[forced]) if forced else 0
-            room = min(sampling.max_new_tokens - new_tokens, max_context - pos)
-            if room <= reserve and not forced:
+            token_room = sampling.max_new_tokens - new_tokens
+            context_room = max_context - pos
+            if forced:
+                run = len(self.gen_ids[forced])
+                if context_room < run:
+                    return  # the forced run cannot fit the window (Chat reserves room for it)
+                # Text stops where only the run still fits; a budget smaller than the run
+                # still gets the run (the reply then exceeds max_new_tokens by design).
+                must_force = token_room <= run or context_room <= run
+            elif min(token_room, context_room) <= 0:
                 return  # out of budget
-            banned = self._banned(output, produced) + ([self.eos_id] if new_tokens < sampling.min_new_tokens else [])
+            room = min(token_room, context_room)
+            banned = self._banned(output, produced, room)
+            if new_tokens < sampling.min_new_tokens:
+                banned.append(self.eos_id)
             next_id = self._sample(logits, sampling, rng, banned)
-            if forced and (next_id == self.eos_id or room <= reserve + 1):
+            if forced and (next_id == self.eos_id or must_force):
                 next_id = self.gen_ids[forced][0]
             if next_id == self.eos_id:
                 return
@@ -108,11 +119,13 @@ class Engine:
             else:
                 yield Step(token_id=next_id)
 
-    def _banned(self, output: str | None, produced: set[str]) -> list[int]:
-        """Token ids sampling may not choose now."""
-        banned = list(self.later_ids)
+    def _banned(self, output: str | None, produced: set[str], room: int) -> list[int]:
+        """Token ids sampling may not choose now: media placeholders (inputs only), the
+        inside of runs, and the start of a run that is not allowed or would not fit."""
+        banned = list(self.later_ids) + list(self.placeholder_ids)
         for m, ids in self.gen_ids.items():
-            if m in produced or output == "text" or (output in MEDIA_MODALITIES and m != output):
+            not_allowed = m in produced or output == "text" or (output in MEDIA_MODALITIES and m != output)
+            if not_allowed or (m != output and len(ids) > room):
                 banned.append(ids[0])
         return banned
 

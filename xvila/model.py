@@ -14,6 +14,7 @@ What trains in each phase is `set_trainable(phase)`, the one place that decides 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,14 @@ GROUPS = {
     "p_out": lambda n: n.startswith("p_out."),
     "new_tokens": lambda n: "trainable_tokens_delta" in n,
     "lora": lambda n: "lora_" in n,
+    "controllers": lambda n: n.startswith(("decoders.image.controller.", "decoders.video.controller.")),
+    "visual_unets": lambda n: n.startswith(("decoders.image.unet.", "decoders.video.unet.")),
 }
 PHASES = {
     "1": ("p_in", "p_out", "new_tokens"),
     "2": ("p_in", "p_out", "new_tokens", "lora"),
     "3a": ("p_in", "p_out", "new_tokens", "lora"),
+    "3b": ("controllers", "visual_unets"),  # visual alignment: everything else frozen
 }
 
 
@@ -75,6 +79,9 @@ class XVila(nn.Module):
             for m in MEDIA_MODALITIES
         })
         ids = tokenizer.convert_tokens_to_ids
+        # Decoders by modality (`xvila.decoders`); attached by the loader, may be empty.
+        self.decoders = nn.ModuleDict()
+        self.offload_decoders = False  # keep them on the CPU between requests (24 GB GPUs)
         self.placeholder_ids = {m: ids(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
         self.gen_ids = {m: ids(config.gen_token_names(m)) for m in MEDIA_MODALITIES}
         if tokenizer.unk_token_id in set(self.placeholder_ids.values()) | {i for v in self.gen_ids.values() for i in v}:
@@ -128,6 +135,21 @@ class XVila(nn.Module):
         highway = out.vision_blocks[0] if out.vision_blocks is not None else None
         return MediaInput(modality, embeds[0], highway, source=str(path))
 
+    @contextlib.contextmanager
+    def decoder_ready(self, modality: str):
+        """The decoder for `modality` on the model's device for the duration of a request;
+        with `offload_decoders`, back on the CPU afterwards (moved deliberately, never reloaded)."""
+        decoder = self.decoders[modality]
+        if self.offload_decoders:
+            decoder.to(self.device)
+        try:
+            yield decoder
+        finally:
+            if self.offload_decoders:
+                decoder.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
     @property
     def imagebind_dtype(self) -> torch.dtype:
         return next(self.imagebind.parameters()).dtype
@@ -137,6 +159,8 @@ class XVila(nn.Module):
         if tokens is not None and tokens.ndim == 4:  # [N, S, L, D]: clips of a video or audio
             tokens = tokens.mean(dim=1)
         p = self.p_in[modality]
+        if p.k > 1 and tokens is None:
+            raise ConfigError(f"P_in[{modality}] takes k={p.k} tokens per input: it needs ImageBind's token grid, not only the pooled embedding")
         dtype = p.proj.weight.dtype
         return p(pooled.to(dtype), None if tokens is None else tokens.to(dtype))
 
@@ -182,7 +206,7 @@ class XVila(nn.Module):
     def set_trainable(self, phase: str, verbose: bool = True) -> dict[str, int]:
         """Unfreeze exactly the groups phase `phase` trains; returns parameter counts per group."""
         if phase not in PHASES:
-            raise ConfigError(f"unknown phase {phase!r}; phases: {sorted(PHASES)} (3b trains the decoders)")
+            raise ConfigError(f"unknown phase {phase!r}; phases: {sorted(PHASES)}")
         groups = PHASES[phase]
         counts = dict.fromkeys(groups, 0)
         frozen = 0

@@ -118,7 +118,9 @@ def iter_denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vi
     done after each step, and returns the final latents [1, *latent_shape] (StopIteration's
     value), so that a chat can stream progress without threads."""
     device, dtype = decoder.device, decoder.dtype
-    scheduler = decoder.scheduler
+    # A scheduler keeps per-run state (timesteps, solver history): each run gets its own,
+    # so that two requests on one decoder cannot corrupt each other.
+    scheduler = type(decoder.scheduler).from_config(decoder.scheduler.config)
     # 1. timesteps
     scheduler.set_timesteps(s.steps, device=device)
     T = scheduler.config.num_train_timesteps

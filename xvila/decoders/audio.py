@@ -1,0 +1,215 @@
+"""The audio decoder: AudioLDM (cvssp/audioldm-s-full-v2).
+
+    AudioDecoder.from_pretrained()             # cvssp/audioldm-s-full-v2
+    AudioDecoder.tiny_random(cond_dim=32)      # tiny random parts, for tests and tiny-random
+    decoder.save_pretrained("out/audio")       # the same subfolder layout, readable back
+
+AudioLDM is a latent diffusion model over log-mel spectrograms. What follows is what
+diffusers' (now removed) `AudioLDMPipeline` did, on our shared loop:
+
+- E_text is CLAP's projected text embedding (`ClapTextModelWithProjection.text_embeds`,
+  512-d), L2-normalised. It does not go through cross-attention: the U-Net's
+  `class_embed_type="simple_projection"` maps it into the time embedding, concatenated
+  (`class_embeddings_concat=True`), so it is passed as `class_labels` with
+  `encoder_hidden_states=None` (the U-Net's attention blocks then attend to themselves).
+- The latents are [C, frames / s, mel_bins / s] with s the VAE's downsampling; a frame is
+  one vocoder hop (prod(upsample_rates) samples, 10 ms at 16 kHz).
+- VAE decode gives the mel spectrogram [1, 1, frames, mel_bins]; the SpeechT5 HiFi-GAN
+  vocoder turns it into a 16 kHz waveform, cut to the length asked for.
+
+Lengths: the pipeline floored the frame count (`int(seconds / hop_seconds)`), so a length
+that is not a whole number of hops came out a few samples short. Here the waveform is
+always exactly `round(seconds * sampling_rate)` samples: the frame count is rounded up to
+cover it (and then up to a multiple of the VAE factor), and the surplus is cut.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import (
+    ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig,
+)
+
+from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.decoders.image import (
+    TOY_WORDS, default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
+    transformers_loader,
+)
+from xvila.media import write_wav
+
+AUDIOLDM_REPO = "cvssp/audioldm-s-full-v2"
+
+
+class AudioDecoder(Decoder):
+    modality = "audio"
+    file_suffix = ".wav"
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler,
+                 text_encoder: ClapTextModelWithProjection, tokenizer: RobertaTokenizer, vocoder: SpeechT5HifiGan):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder, self.vocoder = unet, vae, text_encoder, vocoder
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        # Frozen and in eval mode: inference only (the paper trains no audio decoder part).
+        self.eval().requires_grad_(False)
+        self._negative: torch.Tensor | None = None
+        if vocoder.config.model_in_dim % self.vae_scale_factor:
+            raise ValueError(f"the vocoder's {vocoder.config.model_in_dim} mel bins are not divisible by the VAE's "
+                             f"downsampling factor {self.vae_scale_factor}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.vocoder.config.sampling_rate)
+
+    @property
+    def hop_length(self) -> int:
+        """Waveform samples per spectrogram frame (160 for AudioLDM: 10 ms at 16 kHz)."""
+        return int(np.prod(self.vocoder.config.upsample_rates))
+
+    def num_samples(self, s: DecodeSettings) -> int:
+        n = round(s.seconds * self.sampling_rate)
+        if n < 1:
+            raise ValueError(f"audio length must be positive, got {s.seconds} s")
+        return n
+
+    # -- hooks ---------------------------------------------------------------------------
+    def latent_shape(self, s: DecodeSettings) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        frames = math.ceil(self.num_samples(s) / self.hop_length)
+        frames = math.ceil(frames / f) * f
+        return (self.unet.config.in_channels, frames // f, self.vocoder.config.model_in_dim // f)
+
+    def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
+        # E_text arrives as [B, 1, 512] (cond_shapes) or [B, 512]; the class projection wants [B, 512].
+        return {"encoder_hidden_states": None, "class_labels": e_text.reshape(e_text.shape[0], -1)}
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), 1, 512]: CLAP's projected text embedding, L2-normalised as the
+        AudioLDM pipeline did (AudioLDM was trained on normalised CLAP embeddings)."""
+        # RoBERTa positions start after the padding id: 514 positions hold 512 tokens. (The
+        # cap only matters for a tokenizer saved without its model_max_length.)
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings - 2)
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                                return_tensors="pt")
+        device = self.text_encoder.device
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        return F.normalize(out.text_embeds, dim=-1)[:, None]
+
+    def negative_condition(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = self.encode_text([""])
+        return self._negative
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:
+        """[1, C, h, w] latents -> float32 waveform [n] at `sampling_rate`, n = seconds * rate."""
+        z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        mel = self.vae.decode(z, return_dict=False)[0]  # [1, 1, frames, mel_bins]
+        waveform = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))  # [1, frames * hop]
+        return waveform[0, : self.num_samples(s)].float().cpu().numpy()
+
+    def write(self, media: np.ndarray, path: Path, s: DecodeSettings) -> Path:
+        return write_wav(path, media, self.sampling_rate)
+
+    # -- building, loading, saving -------------------------------------------------------
+    def parts(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "scheduler": self.scheduler, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer, "vocoder": self.vocoder}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = AUDIOLDM_REPO, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "AudioDecoder":
+        """A diffusers-layout Hub repo or folder (subfolders unet, vae, scheduler,
+        text_encoder, tokenizer, vocoder), e.g. AudioLDM or what `save_pretrained` wrote.
+        `device` defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
+        device = default_device(device)
+        dtype = dtype or default_dtype(device)
+        parts = load_parts(source, {
+            "unet": diffusers_loader(UNet2DConditionModel, dtype),
+            "vae": diffusers_loader(AutoencoderKL, dtype),
+            "scheduler": dpm_solver_loader,
+            "text_encoder": transformers_loader(ClapTextModelWithProjection, dtype),
+            "tokenizer": RobertaTokenizer.from_pretrained,
+            "vocoder": transformers_loader(SpeechT5HifiGan, dtype),
+        }, f"audio decoder ({source})")
+        return own_memory(cls(**parts).to(device=device, dtype=dtype))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        return save_parts(self.parts(), folder)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "AudioDecoder":
+        """AudioLDM's layout at toy sizes: 8 mel bins, a 64-sample hop at 16 kHz (250 frames
+        a second), a VAE that downsamples by 2, a 2-block U-Net conditioned on a `cond_dim`
+        CLAP embedding, a 1-layer CLAP text encoder. Seeded; well under a second for a
+        whole short decode on a CPU."""
+        tokenizer = toy_roberta_tokenizer(TOY_WORDS)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # AudioLDM's order: attention last
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=(8, 16),  # as AudioLDM: the block's own width (self-attention)
+                attention_head_dim=4, norm_num_groups=4,
+                class_embed_type="simple_projection", projection_class_embeddings_input_dim=cond_dim,
+                class_embeddings_concat=True,
+            )
+            vae = AutoencoderKL(
+                in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=4, sample_size=32,
+            )
+            text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+                vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length + 2, type_vocab_size=1,
+                projection_dim=cond_dim, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            ))
+            vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+                model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[4, 4, 4],
+                upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+                normalize_before=False,
+                # The default init (0.01) gives a ~1e-8 waveform: silence once written as 16-bit
+                # PCM, so outputs could not be told apart. 0.2 gives noise at about -30 dBFS.
+                initializer_range=0.2,
+            ))
+        scheduler = DPMSolverMultistepScheduler(  # AudioLDM's betas
+            num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+            steps_offset=1, algorithm_type="dpmsolver++",
+        )
+        return cls(unet, vae, scheduler, text_encoder, tokenizer, vocoder)
+
+
+def toy_roberta_tokenizer(words: list[str], model_max_length: int = 77) -> RobertaTokenizer:
+    """A RoBERTa-style byte-level BPE over a few ASCII words, for tiny random models: the
+    special tokens at RoBERTa's ids (<s>=0, <pad>=1, </s>=2, <unk>=3), every byte, merges
+    that build each word left to right, alone and after a space ("Ġword"), <mask> last."""
+    vocab = ["<s>", "<pad>", "</s>", "<unk>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        merged = word[0]
+        for ch in word[1:]:
+            merges.append((merged, ch))
+            merged += ch
+            vocab.append(merged)
+        merges.append(("Ġ", word))
+        vocab.append("Ġ" + word)
+    vocab.append("<mask>")
+    vocab = list(dict.fromkeys(vocab))
+    merges = list(dict.fromkeys(merges))
+    tokenizer = RobertaTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer

@@ -1,0 +1,244 @@
+"""The image decoder: Stable Diffusion 1.5's U-Net, VAE and CLIP-L text encoder.
+
+    ImageDecoder.from_pretrained()             # stable-diffusion-v1-5/stable-diffusion-v1-5
+    ImageDecoder.tiny_random(cond_dim=32)      # tiny random parts, for tests and tiny-random
+    decoder.save_pretrained("out/image")       # the same subfolder layout, readable back
+
+The parts are diffusers' and transformers' own classes, loaded once; the denoising loop is
+`xvila.decoders.base.denoise`. E_text is what SD1.5's pipeline feeds its U-Net as
+`encoder_hidden_states`: CLIP-L's last hidden state for 77 padded tokens, [77, 768]. The
+negative (empty-prompt) embedding for classifier-free guidance is computed once, on first
+use, and kept.
+
+The scheduler is DPM-Solver++ (2nd-order multistep) built from the repo's own scheduler
+config (SD1.5 ships a PNDM config: the betas and timestep offset are what matter), which
+gives good images in 20-25 steps instead of PNDM's 50.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
+from xvila.errors import WeightsUnavailableError
+from xvila.media import write_png
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Words the tiny random decoders' toy tokenizers know (anything else falls back to bytes).
+TOY_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "bird", "car", "photo", "picture",
+             "video", "sound", "music", "piano", "guitar", "barking", "playing", "running", "red", "blue", "green"]
+
+
+# ------------------------------------------------------------------------------ loading
+# To move to xvila/checkpoint.py (the one place that loads weights); audio.py uses it too.
+def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
+    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
+    folder, with every library error turned into a `WeightsUnavailableError` that names the
+    repo and the part. transformers only warns about weights missing from a checkpoint
+    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
+    path = Path(source).expanduser()
+    source = str(path) if path.is_dir() else str(source)
+    if not path.is_dir() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
+        raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
+    parts = {}
+    for name, loader in loaders.items():
+        try:
+            part = loader(source, subfolder=name)
+        except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
+            reason = str(err).rstrip(".")
+            raise WeightsUnavailableError(
+                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
+            ) from err
+        if isinstance(part, tuple):  # transformers' (model, loading info)
+            part, info = part
+            # Only missing parameters count: buffers such as CLAP's position and token-type
+            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
+            # before transformers made them persistent) do not hold them.
+            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
+            if missing:
+                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
+        parts[name] = part
+    return parts
+
+
+def _hint(source: str) -> str:
+    if Path(source).is_dir():
+        return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
+                f"(`huggingface-cli download {source}`) or pass a local folder")
+    return "Check the repo id and your network, or pass a local folder"
+
+
+def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
+                                                         output_loading_info=True)
+
+
+def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
+
+
+def dpm_solver_loader(source, subfolder):
+    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
+    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
+    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; a CPU runs (and tests) in float32.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copies every CPU tensor into memory of its own. Weights read from safetensors sit at
+    arbitrary offsets of a memory-mapped file, and CPU BLAS kernels round differently (in
+    the last bit) on unaligned memory, so without this a reloaded model would not
+    reproduce its outputs bit for bit. (A GPU copy is fresh, aligned memory already.)"""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    return module
+
+
+def save_parts(parts: dict, folder: str | os.PathLike) -> Path:
+    """Each part with its library's `save_pretrained`, in the subfolder `load_parts` reads."""
+    folder = Path(folder)
+    for name, part in parts.items():
+        part.save_pretrained(str(folder / name))
+    return folder
+
+
+# ------------------------------------------------------------------------------ decoder
+class ImageDecoder(Decoder):
+    modality = "image"
+    file_suffix = ".png"
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        # Frozen and in eval mode: inference only; phase 3b unfreezes the U-Net itself.
+        self.eval().requires_grad_(False)
+        self._negative: torch.Tensor | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The U-Net's native size in pixels: 512 for SD1.5, as its pipeline defaults to."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # -- hooks ---------------------------------------------------------------------------
+    def latent_shape(self, s: DecodeSettings) -> tuple[int, int, int]:
+        h, w = s.height or self.default_size, s.width or self.default_size
+        f = self.vae_scale_factor
+        if h % f or w % f or h <= 0 or w <= 0:
+            raise ValueError(f"image size {w}x{h}: width and height must be positive multiples of {f}")
+        return (self.unet.config.in_channels, h // f, w // f)
+
+    def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
+        return {"encoder_hidden_states": e_text}
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), 77, 768]: CLIP's last hidden state, as SD1.5's pipeline computes it."""
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)  # 77
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                                return_tensors="pt")
+        device = self.text_encoder.device
+        # SD1.5's CLIP was trained without an attention mask over the padding; the pipeline
+        # passes one only when the text encoder's config asks for it.
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(device) if use_mask else None
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+    def negative_condition(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = self.encode_text([""])
+        return self._negative
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:
+        """[1, 4, h, w] latents -> uint8 [H, W, 3]."""
+        z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(z, return_dict=False)[0]
+        image = (image[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+        return (image * 255).round().astype(np.uint8)
+
+    def write(self, media: np.ndarray, path: Path, s: DecodeSettings) -> Path:
+        return write_png(path, media)
+
+    # -- building, loading, saving -------------------------------------------------------
+    def parts(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "scheduler": self.scheduler, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = SD15_REPO, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "ImageDecoder":
+        """A diffusers-layout Hub repo or folder (subfolders unet, vae, scheduler,
+        text_encoder, tokenizer), e.g. SD1.5 or what `save_pretrained` wrote. `device`
+        defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
+        device = default_device(device)
+        dtype = dtype or default_dtype(device)
+        parts = load_parts(source, {
+            "unet": diffusers_loader(UNet2DConditionModel, dtype),
+            "vae": diffusers_loader(AutoencoderKL, dtype),
+            "scheduler": dpm_solver_loader,
+            "text_encoder": transformers_loader(CLIPTextModel, dtype),
+            "tokenizer": CLIPTokenizer.from_pretrained,
+        }, f"image decoder ({source})")
+        return own_memory(cls(**parts).to(device=device, dtype=dtype))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        return save_parts(self.parts(), folder)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "ImageDecoder":
+        """SD1.5's layout at toy sizes: 32x32 images, 4x4x4 latents (the VAE still
+        downsamples by 8), a 2-block U-Net, a 1-layer CLIP text encoder of width `cond_dim`.
+        Seeded; a few milliseconds per step on a CPU."""
+        tokenizer = toy_clip_tokenizer(TOY_WORDS)
+        tokenizer.model_max_length = 77
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # SD's order: attention first
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=cond_dim, attention_head_dim=4, norm_num_groups=4,
+            )
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=4, sample_size=32,
+            )
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=cond_dim,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ))
+        scheduler = DPMSolverMultistepScheduler(  # SD1.5's betas
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, algorithm_type="dpmsolver++",
+        )
+        return cls(unet, vae, scheduler, text_encoder, tokenizer)

@@ -1,0 +1,457 @@
+"""The video decoder: VideoCrafter2 (default) or zeroscope, as diffusers and transformers parts.
+
+    VideoDecoder.from_pretrained()                         # VideoCrafter2 U-Net + zeroscope's VAE/CLIP
+    VideoDecoder.from_pretrained(variant="zeroscope")      # cerspense/zeroscope_v2_576w whole
+    VideoDecoder.tiny_random(cond_dim=32)                  # tiny random parts, for tests and tiny-random
+    decoder.save_pretrained("out/video")                   # subfolders + decoder.json, readable back
+
+VideoCrafter2 in diffusers form is `adamdad/videocrafterv2_diffusers`: only a U-Net
+(`config.json` + `diffusion_pytorch_model.safetensors` at the repo root) whose config names
+the class `UNet3DVideoCrafterConditionModel`, which diffusers does not have. It is diffusers'
+`UNet3DConditionModel` layout plus one thing, the fps condition of VideoCrafter's
+`openaimodel3d.UNetModel` (`fps_cond: true`): the frame rate goes through the same
+sinusoidal projection as the timestep (320 channels, cos first, no frequency shift) and its
+own two-layer MLP, `fps_embedding.linear_1/linear_2` (320 -> 1280 -> 1280, SiLU), and the
+result is added to the time embedding. Our `UNet3DVideoCrafterConditionModel` below adds
+exactly that to diffusers' class and keeps its class name, so the repo's config and weights
+load into it strictly, and what we save loads in the converter's code too.
+
+The VAE, the text encoder (OpenCLIP-H's text tower as a `CLIPTextModel`, 1024-d; VideoCrafter2
+conditions on that tower's penultimate layer, which is what the ModelScope/zeroscope
+conversions keep as the last) and the tokenizer come from `cerspense/zeroscope_v2_576w`, as
+in the conversion's own pipeline; so does the scheduler config (DDIM, 1000 steps,
+scaled-linear betas 0.00085-0.012, epsilon prediction: VideoCrafter's "linear" schedule,
+which squares a linspace of square roots). We sample with DPM-Solver++ built from it.
+VideoCrafter2's own DDIM sampler also rescales x0 by a per-step factor (`use_scale`,
+1.0 -> 0.7 over t = 0..400); diffusers' schedulers have no such option and the
+conversion's pipeline does not do it either.
+
+Frames are decoded by the 2D VAE one chunk of frames at a time and written as H.264 MP4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet3DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from xvila.constants import VIDEO
+from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
+from xvila.errors import ConfigError, WeightsUnavailableError
+from xvila.fileio import atomic_path
+from xvila.media import write_mp4
+
+VIDEOCRAFTER2_REPO = "adamdad/videocrafterv2_diffusers"
+ZEROSCOPE_REPO = "cerspense/zeroscope_v2_576w"
+# The zeroscope repo's main branch holds pickled .bin weights only; this commit (its open
+# pull request refs/pr/46) adds safetensors of the same weights.
+ZEROSCOPE_REVISION = "1f35e3dc3350d649f342bb7618fe34ac8fae5c9e"
+VARIANTS = ("videocrafter2", "zeroscope")
+# (height, width) each U-Net was trained at: VideoCrafter2 320x512, zeroscope_v2_576w 320x576.
+DEFAULT_SIZE = {"videocrafter2": (320, 512), "zeroscope": (320, 576)}
+DECODER_CONFIG = "decoder.json"  # written last by save_pretrained: marks the folder complete
+
+# VideoCrafter2's U-Net as published (huggingface.co/adamdad/videocrafterv2_diffusers, config.json).
+VIDEOCRAFTER2_UNET_CONFIG = dict(
+    sample_size=None, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=64,
+    num_attention_heads=None, fps_cond=True,
+)
+
+# Words the tiny random decoder's toy tokenizer knows (anything else falls back to bytes).
+TOY_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "bird", "car", "video", "running",
+             "playing", "walking", "red", "blue", "green", "beach", "street", "sky"]
+
+
+# ----------------------------------------------------------------------------- the U-Net
+class _TimeEmbedding(TimestepEmbedding):
+    """The time embedding MLP (same parameters as diffusers'), plus an embedding added to
+    its output. `UNet3DConditionModel.forward` hands its `timestep_cond` to the time
+    embedding and nowhere else; with no `cond_proj` that argument is otherwise unusable, so
+    the fps embedding travels through it and the library's forward stays as it is."""
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        emb = super().forward(sample)
+        return emb if condition is None else emb + condition
+
+
+class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
+    """diffusers' `UNet3DConditionModel` with VideoCrafter2's fps condition (`fps_cond`).
+
+    `forward(sample, timestep, encoder_hidden_states, fps=...)`: `fps` is an int or a
+    tensor of shape [] or [batch]. Everything else, ControlNet-style
+    `down_block_additional_residuals` / `mid_block_additional_residual` included, is the
+    parent's. With `fps_cond=False` it is the parent exactly (and takes no fps).
+    """
+
+    _skip_layerwise_casting_patterns = [*UNet3DConditionModel._skip_layerwise_casting_patterns, "fps_embedding"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        down_block_types: tuple[str, ...] = VIDEOCRAFTER2_UNET_CONFIG["down_block_types"],
+        up_block_types: tuple[str, ...] = VIDEOCRAFTER2_UNET_CONFIG["up_block_types"],
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 1024,
+        attention_head_dim: int | tuple[int] = 64,
+        num_attention_heads: int | tuple[int] | None = None,
+        time_cond_proj_dim: int | None = None,
+        fps_cond: bool = True,
+    ):
+        if time_cond_proj_dim is not None:
+            raise ValueError("UNet3DVideoCrafterConditionModel: time_cond_proj_dim is not supported (the fps "
+                             "embedding uses the time embedding's condition input)")
+        super().__init__(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            down_block_types=down_block_types, up_block_types=up_block_types, block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block, downsample_padding=downsample_padding,
+            mid_block_scale_factor=mid_block_scale_factor, act_fn=act_fn, norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps, cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+        )
+        channels, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
+        self.time_embedding = _TimeEmbedding(channels, time_embed_dim, act_fn=act_fn)
+        if fps_cond:
+            # VideoCrafter's timestep_embedding: [cos, sin], frequencies 10000^(-i/half).
+            self.fps_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.fps_embedding = TimestepEmbedding(channels, time_embed_dim, act_fn=act_fn)
+        else:
+            self.fps_proj = self.fps_embedding = None
+
+    def fps_condition(self, fps: int | float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """The embedding added to the time embedding: [batch, 4 * block_out_channels[0]]."""
+        fps = torch.as_tensor(fps, device=device)
+        if fps.dim() == 0:
+            fps = fps.expand(batch)
+        if fps.shape != (batch,):
+            raise ValueError(f"fps must be a number or a tensor of shape [{batch}], got shape {tuple(fps.shape)}")
+        # The projection has no weights and computes in float32; the MLP runs in the model's dtype.
+        return self.fps_embedding(self.fps_proj(fps).to(dtype=self.dtype))
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                fps: int | float | torch.Tensor | None = None, **kwargs):
+        if kwargs.get("timestep_cond") is not None:
+            raise ValueError("UNet3DVideoCrafterConditionModel takes no timestep_cond")
+        if self.fps_embedding is not None:
+            if fps is None:
+                raise ValueError("this VideoCrafter U-Net is fps-conditioned: pass fps=")
+            kwargs["timestep_cond"] = self.fps_condition(fps, sample.shape[0], sample.device)
+        elif fps is not None:
+            raise ValueError("this U-Net has no fps condition (fps_cond=False): do not pass fps=")
+        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+# ------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class _Where:
+    """Where one part lives: a Hub repo id or local folder, a subfolder, a revision."""
+
+    source: str
+    subfolder: str | None
+    revision: str | None = None
+    config_name: str = "config.json"
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.source).is_dir()
+
+    def kwargs(self) -> dict:
+        kw: dict = {"subfolder": self.subfolder} if self.subfolder else {}
+        if self.revision and not self.is_local:
+            kw["revision"] = self.revision
+        return kw
+
+    def __str__(self) -> str:
+        at = f"{self.source}/{self.subfolder}" if self.subfolder else self.source
+        return f"{at}@{self.revision}" if self.revision and not self.is_local else at
+
+
+def _layout(source: str, variant: str, base: str, base_revision: str | None) -> dict[str, _Where]:
+    """Where each part of the decoder lives. A local folder: the U-Net in unet/ (our layout,
+    zeroscope's) or at the root (the VideoCrafter2 conversion's), the other parts in its
+    subfolders, or from `base` when it has none. A Hub id: VideoCrafter2's U-Net at the root
+    with the other parts from `base`; zeroscope's repo whole."""
+    folder = Path(source)
+    if folder.is_dir():
+        unet = _Where(source, "unet" if (folder / "unet").is_dir() else None)
+        rest, revision = (source, None) if (folder / "vae").is_dir() else (base, base_revision)
+    elif variant == "videocrafter2":
+        unet, rest, revision = _Where(source, None), base, base_revision
+    else:
+        revision = base_revision if source == base else None
+        unet, rest = _Where(source, "unet", revision), source
+    return {
+        "unet": unet,
+        "vae": _Where(rest, "vae", revision),
+        "text_encoder": _Where(rest, "text_encoder", revision),
+        "tokenizer": _Where(rest, "tokenizer", revision, "tokenizer_config.json"),
+        "scheduler": _Where(rest, "scheduler", revision, "scheduler_config.json"),
+    }
+
+
+def _check_offline(layout: dict[str, _Where], what: str) -> None:
+    """With HF_HUB_OFFLINE set, name every Hub repo missing from the local cache at once,
+    before minutes of loading fail on the first."""
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    missing: dict[str, list[str]] = {}
+    for name, where in layout.items():
+        if where.is_local:
+            continue
+        file = f"{where.subfolder}/{where.config_name}" if where.subfolder else where.config_name
+        if not isinstance(try_to_load_from_cache(where.source, file, revision=where.revision), str):
+            missing.setdefault(where.source + (f"@{where.revision}" if where.revision else ""), []).append(name)
+    if missing:
+        repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
+        raise WeightsUnavailableError(
+            f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
+            "once with network (`huggingface-cli download REPO [--revision REV]`), or pass a local folder.")
+
+
+def _strict(info: dict, where: _Where, name: str, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """diffusers and transformers only warn about missing or unused weights; here both are errors."""
+    def show(keys) -> str:
+        keys = sorted(map(str, keys))
+        return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    found = {
+        "missing": info.get("missing_keys") or [],
+        "unexpected": [k for k in info.get("unexpected_keys") or [] if not (ignore and k.endswith(ignore))],
+        "mismatched": info.get("mismatched_keys") or [],
+    }
+    problems = [f"{kind} {show(keys)}" for kind, keys in found.items() if keys]
+    if problems:
+        raise WeightsUnavailableError(f"{what}: the {name} weights in {where} do not match the model: "
+                                      f"{'; '.join(problems)}")
+
+
+def load_unet(where: _Where | str, variant: str, dtype: torch.dtype | None = None, what: str = "video decoder"):
+    """The variant's U-Net class from a folder or repo, strictly: a missing or unexpected
+    key (e.g. an fps-embedding weight) is an error that names it."""
+    where = where if isinstance(where, _Where) else _Where(str(where), None)
+    cls = UNet3DVideoCrafterConditionModel if variant == "videocrafter2" else UNet3DConditionModel
+    try:
+        unet, info = cls.from_pretrained(where.source, dtype=dtype, output_loading_info=True, **where.kwargs())
+    except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
+        raise WeightsUnavailableError(f"{what}: could not load the unet from {where}: {err}") from err
+    _strict(info, where, "unet", what)
+    if variant == "videocrafter2" and unet.fps_embedding is None:
+        raise WeightsUnavailableError(f"{what}: the U-Net in {where} has fps_cond=false; VideoCrafter2's takes fps")
+    return unet
+
+
+def _load_part(name: str, where: _Where, dtype: torch.dtype | None, what: str):
+    """The VAE, text encoder, tokenizer or scheduler, with its library's `from_pretrained`."""
+    source, kw = where.source, where.kwargs()
+    try:
+        if name == "tokenizer":
+            return CLIPTokenizer.from_pretrained(source, **kw)
+        if name == "scheduler":  # any config (zeroscope ships DDIM's) gives the betas; DPM-Solver++ takes what it knows
+            return DPMSolverMultistepScheduler.from_pretrained(source, algorithm_type="dpmsolver++", **kw)
+        cls = AutoencoderKL if name == "vae" else CLIPTextModel
+        part, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **kw)
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        raise WeightsUnavailableError(f"{what}: could not load the {name} from {where}: {err}") from err
+    # Old CLIP checkpoints carry the position-id buffer, which current transformers recomputes.
+    _strict(info, where, name, what, ignore=("position_ids",))
+    return part
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; a CPU runs (and tests) in float32.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+# ------------------------------------------------------------------------------- decoder
+class VideoDecoder(Decoder):
+    """Text (E_text [77, 1024]) to a 16-frame video. `variant` "videocrafter2" conditions
+    the U-Net on the frame rate too (`condition_fps`, or `DecodeSettings.fps` when None);
+    "zeroscope" has no fps input. `DecodeSettings.fps` is always the rate the MP4 is
+    written at."""
+
+    modality = VIDEO
+    file_suffix = ".mp4"
+    decode_chunk = 8  # frames through the VAE at once
+
+    def __init__(self, unet: UNet3DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, scheduler, variant: str = "videocrafter2",
+                 size: tuple[int, int] | None = None, condition_fps: int | None = None):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
+        fps_conditioned = getattr(unet, "fps_embedding", None) is not None
+        if fps_conditioned != (variant == "videocrafter2"):
+            wanted, got = ("with", "without") if variant == "videocrafter2" else ("without", "with")
+            raise ConfigError(f"video decoder variant {variant!r} needs a U-Net {wanted} an fps input; "
+                              f"got a {type(unet).__name__} {got} one")
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.variant = variant
+        self.size = tuple(size) if size is not None else DEFAULT_SIZE[variant]
+        self.condition_fps = condition_fps
+        # Frozen and in eval mode: inference only; phase 3b unfreezes the U-Net itself.
+        self.eval().requires_grad_(False)
+        self._negative: torch.Tensor | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def fps_conditioned(self) -> bool:
+        return getattr(self.unet, "fps_embedding", None) is not None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def latent_shape(self, s: DecodeSettings) -> tuple[int, int, int, int]:
+        h, w = s.height or self.size[0], s.width or self.size[1]
+        f = self.vae_scale_factor
+        if h % f or w % f or h <= 0 or w <= 0:
+            raise ValueError(f"video size {w}x{h}: width and height must be positive multiples of {f}")
+        if s.frames < 1:
+            raise ValueError(f"a video needs at least 1 frame, not {s.frames}")
+        return (self.unet.config.in_channels, s.frames, h // f, w // f)
+
+    def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
+        cond = {"encoder_hidden_states": e_text}
+        if self.fps_conditioned:
+            fps = self.condition_fps if self.condition_fps is not None else s.fps
+            cond["fps"] = torch.full((e_text.shape[0],), int(round(fps)), dtype=torch.long, device=e_text.device)
+        return cond
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), 77, 1024]: the CLIP text tower's last hidden state (OpenCLIP-H's
+        penultimate layer, after the final LayerNorm), without an attention mask, as
+        VideoCrafter2 and the zeroscope pipeline compute it."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+
+    def negative_condition(self) -> torch.Tensor:
+        if self._negative is None:
+            self._negative = self.encode_text([""])
+        return self._negative
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:
+        """[1, 4, T, h, w] latents -> uint8 [T, H, W, 3], the 2D VAE decoding frame by frame."""
+        z = latents[0].transpose(0, 1).to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        frames = torch.cat([self.vae.decode(z[i:i + self.decode_chunk], return_dict=False)[0]
+                            for i in range(0, len(z), self.decode_chunk)])
+        frames = (frames / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return (frames * 255).round().astype(np.uint8)
+
+    def write(self, media: np.ndarray, path: Path, s: DecodeSettings) -> Path:
+        return write_mp4(path, media, fps=s.fps)
+
+    # -- building, loading, saving -------------------------------------------------------
+    def parts(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "scheduler": self.scheduler}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, variant: str | None = None, base: str = ZEROSCOPE_REPO,
+                        base_revision: str | None = ZEROSCOPE_REVISION) -> "VideoDecoder":
+        """A folder written by `save_pretrained` (its decoder.json gives the variant), or
+        the variant's weights: VideoCrafter2's U-Net from `source` (default
+        adamdad/videocrafterv2_diffusers) with the other parts from `base`, or zeroscope
+        whole from `source` (default `base`). Each part loads with its library's
+        `from_pretrained`; any failure is a `WeightsUnavailableError` naming the repos."""
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        meta = {}
+        if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
+            source = str(Path(source).expanduser())
+            meta = json.loads((Path(source) / DECODER_CONFIG).read_text())
+            if variant is not None and variant != meta["variant"]:
+                raise ConfigError(f"{source} holds a {meta['variant']} video decoder, not {variant}")
+        variant = meta.get("variant") or variant or "videocrafter2"
+        if variant not in VARIANTS:
+            raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
+        if source is None:
+            source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
+        source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+        what = f"video decoder ({variant}, {source})"
+        if not Path(source).is_dir() and source.count("/") != 1:
+            raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
+        layout = _layout(source, variant, base, base_revision)
+        _check_offline(layout, what)
+        parts = {"unet": load_unet(layout["unet"], variant, dtype, what)}
+        parts.update({name: _load_part(name, where, dtype, what) for name, where in layout.items() if name != "unet"})
+        decoder = cls(**parts, variant=variant, size=meta.get("size"), condition_fps=meta.get("condition_fps"))
+        return decoder.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Each part with its library's `save_pretrained` (safetensors) in its subfolder, then
+        decoder.json, last, so that a folder with it is complete."""
+        folder = Path(folder)
+        for name, part in self.parts().items():
+            part.save_pretrained(str(folder / name))
+        with atomic_path(folder / DECODER_CONFIG) as tmp:
+            tmp.write_text(json.dumps({"variant": self.variant, "size": list(self.size),
+                                       "condition_fps": self.condition_fps}, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, cond_dim: int = 32, variant: str = "videocrafter2") -> "VideoDecoder":
+        """The real layout at toy sizes: 16x16-pixel frames, 4x8x8 latents per frame (a
+        2-block VAE that downsamples by 2), a 2-block 3D U-Net of widths 8/16 (with the fps
+        embedding for VideoCrafter2), a 1-layer CLIP text encoder of width `cond_dim`.
+        Seeded; a few milliseconds per step on a CPU for 2-4 frames."""
+        if variant not in VARIANTS:
+            raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
+        tokenizer = toy_clip_tokenizer(TOY_WORDS)
+        tokenizer.model_max_length = 77
+        unet_config = dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=cond_dim, attention_head_dim=4, norm_num_groups=4,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if variant == "videocrafter2":
+                unet = UNet3DVideoCrafterConditionModel(**unet_config, fps_cond=True)
+            else:
+                unet = UNet3DConditionModel(**unet_config)
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=4, sample_size=16,
+            )
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=cond_dim, hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ))
+        scheduler = DPMSolverMultistepScheduler(  # zeroscope's (= VideoCrafter2's) betas
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, algorithm_type="dpmsolver++",
+        )
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, variant=variant, size=(16, 16))
