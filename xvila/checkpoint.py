@@ -9,8 +9,10 @@ error that lists the keys, never a warning.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -20,11 +22,13 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors.torch import load_file, save_file
 from torch import nn
 from peft import PeftModel
+from diffusers import DPMSolverMultistepScheduler
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CLIPTokenizer, LlamaConfig, LlamaForCausalLM,
 )
 
 from xvila.config import PRESETS, XVilaConfig
+from xvila.constants import AUDIO, IMAGE, VIDEO
 from xvila.encoders.clip_tokenizer import CLIP_TOKENIZER_REPO, ImageBindTokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.errors import WeightsUnavailableError
@@ -175,6 +179,92 @@ def load_imagebind_tokenizer(source: str | os.PathLike = CLIP_TOKENIZER_REPO, co
     return tokenizer
 
 
+# ---------------------------------------------------------------------------- decoders
+# Parts in a diffusers layout (a subfolder per part), loaded each with its own library.
+def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
+    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
+    folder, with every library error turned into a `WeightsUnavailableError` that names the
+    repo and the part. transformers only warns about weights missing from a checkpoint
+    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
+    path = Path(source).expanduser()
+    source = str(path) if path.is_dir() else str(source)
+    if not path.is_dir() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
+        raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
+    parts = {}
+    for name, loader in loaders.items():
+        try:
+            part = loader(source, subfolder=name)
+        except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
+            reason = str(err).rstrip(".")
+            raise WeightsUnavailableError(
+                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
+            ) from err
+        if isinstance(part, tuple):  # transformers' (model, loading info)
+            part, info = part
+            # Only missing parameters count: buffers such as CLAP's position and token-type
+            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
+            # before transformers made them persistent) do not hold them.
+            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
+            if missing:
+                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
+        parts[name] = part
+    return parts
+
+
+def _hint(source: str) -> str:
+    if Path(source).is_dir():
+        return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
+                f"(`huggingface-cli download {source}`) or pass a local folder")
+    return "Check the repo id and your network, or pass a local folder"
+
+
+def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
+                                                         output_loading_info=True)
+
+
+def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
+
+
+def dpm_solver_loader(source, subfolder):
+    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
+    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
+    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; a CPU runs (and tests) in float32.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copies every CPU tensor into memory of its own. Weights read from safetensors sit at
+    arbitrary offsets of a memory-mapped file, and CPU BLAS kernels round differently (in
+    the last bit) on unaligned memory, so without this a reloaded model would not
+    reproduce its outputs bit for bit. (A GPU copy is fresh, aligned memory already.)"""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    return module
+
+
+def save_parts(parts: dict, folder: str | os.PathLike) -> Path:
+    """Each part with its library's `save_pretrained`, in the subfolder `load_parts` reads."""
+    folder = Path(folder)
+    for name, part in parts.items():
+        part.save_pretrained(str(folder / name))
+    return folder
+
+
+# ------------------------------------------------------------------------------ decoder
+
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
 #   config.json          XVilaConfig; base parts named by Hub id, or by a subfolder here
@@ -254,7 +344,8 @@ def _resolve_part(value: str | None, folder: Path | None) -> str | None:
     return value
 
 
-def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, folder: Path | None = None, seed: int = 0):
+def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, folder: Path | None = None, seed: int = 0,
+                offload_decoders: bool = False):
     """An XVila from `config`: base parts loaded (or random where named None), X-VILA parts
     fresh (seeded) unless `folder` is a checkpoint to read them from."""
     from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
@@ -285,15 +376,46 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
         else:
             llm = wrap_lora(llm, config, new_ids)
         model = XVila(config, imagebind, llm, tokenizer)
+        model.decoders = nn.ModuleDict(_build_decoders(config, device, folder, imagebind.config.vision_embed_dim, seed))
+    model.offload_decoders = offload_decoders
     if folder is not None:
         parts = read_state_dict(folder / XVILA_WEIGHTS)
-        load_strict(nn.ModuleDict({"p_in": model.p_in, "p_out": model.p_out}), parts, f"X-VILA parts ({folder})")
+        load_strict(_xvila_parts(model), parts, f"X-VILA parts ({folder})")
     if not config.load_in_4bit:  # a quantised LLM is already placed by its loader
         model.llm.to(device=device, dtype=_torch_dtype(config, device))
     model.imagebind.to(device=device, dtype=_torch_dtype(config, device))
     model.p_in.to(device)
     model.p_out.to(device)
+    model.decoders.to("cpu" if offload_decoders else device)
     return model.eval()
+
+
+def _xvila_parts(model) -> nn.ModuleDict:
+    """What `xvila.safetensors` holds: P_in, P_out and the visual controllers."""
+    controllers = {m: d.controller for m, d in model.decoders.items() if d.controller is not None}
+    return nn.ModuleDict({"p_in": model.p_in, "p_out": model.p_out, "controllers": nn.ModuleDict(controllers)})
+
+
+def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | None, vision_dim: int, seed: int) -> dict:
+    """One decoder per modality (random tiny parts where the config names none), each image
+    and video decoder with a visual controller sized from its U-Net."""
+    from xvila.decoders.audio import AudioDecoder
+    from xvila.decoders.controller import VisualController
+    from xvila.decoders.image import ImageDecoder
+    from xvila.decoders.video import VideoDecoder
+
+    classes = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
+    decoders = {}
+    for m, source in config.decoders.items():
+        source = _resolve_part(source, folder)
+        if source is None:
+            decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1])
+        else:
+            decoder = classes[m].from_pretrained(source, device=device, dtype=_torch_dtype(config, device))
+        if m in (IMAGE, VIDEO):
+            decoder.controller = VisualController.from_unet(decoder.unet, vision_dim)
+        decoders[m] = decoder
+    return decoders
 
 
 def _load_llm_tokenizer(config: XVilaConfig, source: str):
@@ -304,10 +426,11 @@ def _load_llm_tokenizer(config: XVilaConfig, source: str):
         raise WeightsUnavailableError(f"LLM tokenizer ({source}): {err}") from err
 
 
-def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None):
-    """A preset name, a checkpoint folder, or a Hub repo holding one."""
+def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None, offload_decoders: bool = False):
+    """A preset name, a checkpoint folder, or a Hub repo holding one. `offload_decoders`
+    keeps the decoders on the CPU between requests (for a 24 GB GPU with the 4-bit LLM)."""
     if isinstance(source, str) and source in PRESETS:
-        return build_xvila(XVilaConfig.from_name(source), device)
+        return build_xvila(XVilaConfig.from_name(source), device, offload_decoders=offload_decoders)
     folder = Path(source).expanduser()
     if not folder.is_dir():
         if str(source).count("/") != 1:
@@ -320,7 +443,8 @@ def load_xvila(source: str | os.PathLike, device: str | torch.device | None = No
             raise WeightsUnavailableError(f"X-VILA checkpoint {source}: could not get it from the Hub ({err})") from err
     if not (folder / "config.json").is_file():
         raise WeightsUnavailableError(f"{folder} is not an X-VILA checkpoint: it has no config.json")
-    return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder)
+    return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder,
+                       offload_decoders=offload_decoders)
 
 
 def _base_llm_state(llm) -> dict[str, torch.Tensor]:
@@ -347,9 +471,14 @@ def save_xvila(model, folder: str | os.PathLike) -> Path:
     if config.imagebind is None:
         save_imagebind(model.imagebind, folder / "imagebind")
         changes.update(imagebind="imagebind")
+    decoders = dict(config.decoders)
+    for m, source in config.decoders.items():
+        if source is None and m in model.decoders:  # random parts: written here
+            model.decoders[m].save_pretrained(folder / "decoders" / m)
+            decoders[m] = f"decoders/{m}"
+    changes["decoders"] = decoders
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
     model.llm.save_pretrained(str(folder / "adapter"))
-    write_safetensors({**{f"p_in.{k}": v for k, v in model.p_in.state_dict().items()},
-                       **{f"p_out.{k}": v for k, v in model.p_out.state_dict().items()}}, folder / XVILA_WEIGHTS)
+    write_safetensors(_xvila_parts(model).state_dict(), folder / XVILA_WEIGHTS)
     write_json(config.replace(**changes).to_dict(), folder / "config.json")  # last: marks the folder complete
     return folder

@@ -89,22 +89,25 @@ class XVila(nn.Module):
 
     # ------------------------------------------------------------------ entry points
     @classmethod
-    def from_pretrained(cls, source: str = "tiny-random", device: str | torch.device | None = None) -> "XVila":
+    def from_pretrained(cls, source: str = "tiny-random", device: str | torch.device | None = None,
+                        offload_decoders: bool = False) -> "XVila":
         """A preset name (`xvila-7b`, `xvila-7b-4bit`, `tiny-random`), a folder written by
-        `save_pretrained`, or a Hub repo id holding such a folder."""
+        `save_pretrained`, or a Hub repo id holding such a folder. `offload_decoders` keeps
+        the decoders on the CPU between requests (a 24 GB GPU with the 4-bit LLM)."""
         from xvila.checkpoint import load_xvila
 
-        return load_xvila(source, device=device)
+        return load_xvila(source, device=device, offload_decoders=offload_decoders)
 
     def save_pretrained(self, folder) -> None:
         from xvila.checkpoint import save_xvila
 
         save_xvila(self, folder)
 
-    def new_chat(self, system_prompt: str | None = None):
+    def new_chat(self, system_prompt: str | None = None, outputs_dir=None):
+        """A conversation; generated files go to `outputs_dir` (a temporary folder if None)."""
         from xvila.chat import Chat
 
-        return Chat(self, system_prompt)
+        return Chat(self, system_prompt, outputs_dir=outputs_dir)
 
     # ------------------------------------------------------------------ parts
     @property

@@ -39,10 +39,11 @@ from transformers import (
 )
 
 from xvila.decoders.base import DecodeSettings, Decoder
-from xvila.decoders.image import (
-    TOY_WORDS, default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
+from xvila.checkpoint import (
+    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
     transformers_loader,
 )
+from xvila.decoders.image import TOY_WORDS
 from xvila.media import write_wav
 
 AUDIOLDM_REPO = "cvssp/audioldm-s-full-v2"

@@ -17,20 +17,20 @@ gives good images in 20-25 steps instead of PNDM's 50.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from xvila.checkpoint import (
+    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
+    transformers_loader,
+)
 from xvila.decoders.base import DecodeSettings, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
-from xvila.errors import WeightsUnavailableError
 from xvila.media import write_png
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -39,91 +39,6 @@ TOY_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "b
              "video", "sound", "music", "piano", "guitar", "barking", "playing", "running", "red", "blue", "green"]
 
 
-# ------------------------------------------------------------------------------ loading
-# To move to xvila/checkpoint.py (the one place that loads weights); audio.py uses it too.
-def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
-    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
-    folder, with every library error turned into a `WeightsUnavailableError` that names the
-    repo and the part. transformers only warns about weights missing from a checkpoint
-    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
-    path = Path(source).expanduser()
-    source = str(path) if path.is_dir() else str(source)
-    if not path.is_dir() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
-        raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
-    parts = {}
-    for name, loader in loaders.items():
-        try:
-            part = loader(source, subfolder=name)
-        except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
-            reason = str(err).rstrip(".")
-            raise WeightsUnavailableError(
-                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
-            ) from err
-        if isinstance(part, tuple):  # transformers' (model, loading info)
-            part, info = part
-            # Only missing parameters count: buffers such as CLAP's position and token-type
-            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
-            # before transformers made them persistent) do not hold them.
-            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
-            if missing:
-                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
-        parts[name] = part
-    return parts
-
-
-def _hint(source: str) -> str:
-    if Path(source).is_dir():
-        return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
-                f"(`huggingface-cli download {source}`) or pass a local folder")
-    return "Check the repo id and your network, or pass a local folder"
-
-
-def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
-                                                         output_loading_info=True)
-
-
-def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
-
-
-def dpm_solver_loader(source, subfolder):
-    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
-    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
-    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")
-
-
-def default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision is for accelerators; a CPU runs (and tests) in float32.
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def own_memory(module: torch.nn.Module) -> torch.nn.Module:
-    """Copies every CPU tensor into memory of its own. Weights read from safetensors sit at
-    arbitrary offsets of a memory-mapped file, and CPU BLAS kernels round differently (in
-    the last bit) on unaligned memory, so without this a reloaded model would not
-    reproduce its outputs bit for bit. (A GPU copy is fresh, aligned memory already.)"""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.device.type == "cpu":
-            tensor.data = tensor.data.clone()
-    return module
-
-
-def save_parts(parts: dict, folder: str | os.PathLike) -> Path:
-    """Each part with its library's `save_pretrained`, in the subfolder `load_parts` reads."""
-    folder = Path(folder)
-    for name, part in parts.items():
-        part.save_pretrained(str(folder / name))
-    return folder
-
-
-# ------------------------------------------------------------------------------ decoder
 class ImageDecoder(Decoder):
     modality = "image"
     file_suffix = ".png"

@@ -46,6 +46,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from xvila.checkpoint import default_dtype
 from xvila.constants import VIDEO
 from xvila.decoders.base import DecodeSettings, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
@@ -279,11 +280,6 @@ def _load_part(name: str, where: _Where, dtype: torch.dtype | None, what: str):
     # Old CLIP checkpoints carry the position-id buffer, which current transformers recomputes.
     _strict(info, where, name, what, ignore=("position_ids",))
     return part
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision is for accelerators; a CPU runs (and tests) in float32.
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 # ------------------------------------------------------------------------------- decoder
