@@ -38,7 +38,7 @@ from transformers import (
     ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig,
 )
 
-from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
 from xvila.checkpoint import (
     default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
     transformers_loader,
@@ -60,14 +60,9 @@ class AudioDecoder(Decoder):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         # Frozen and in eval mode: inference only (the paper trains no audio decoder part).
         self.eval().requires_grad_(False)
-        self._negative: torch.Tensor | None = None
         if vocoder.config.model_in_dim % self.vae_scale_factor:
             raise ValueError(f"the vocoder's {vocoder.config.model_in_dim} mel bins are not divisible by the VAE's "
                              f"downsampling factor {self.vae_scale_factor}")
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def sampling_rate(self) -> int:
@@ -81,7 +76,7 @@ class AudioDecoder(Decoder):
     def num_samples(self, s: DecodeSettings) -> int:
         n = round(s.seconds * self.sampling_rate)
         if n < 1:
-            raise ValueError(f"audio length must be positive, got {s.seconds} s")
+            raise DecodeSettingsError(f"audio length must be positive, got {s.seconds} s")
         return n
 
     # -- hooks ---------------------------------------------------------------------------
@@ -107,11 +102,6 @@ class AudioDecoder(Decoder):
         device = self.text_encoder.device
         out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
         return F.normalize(out.text_embeds, dim=-1)[:, None]
-
-    def negative_condition(self) -> torch.Tensor:
-        if self._negative is None:
-            self._negative = self.encode_text([""])
-        return self._negative
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:

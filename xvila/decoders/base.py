@@ -32,6 +32,10 @@ class Cancelled(XVilaError):
     """Generation was stopped between two steps."""
 
 
+class DecodeSettingsError(XVilaError, ValueError):
+    """A decoder setting (size, frames, length) the decoder cannot honour."""
+
+
 @dataclass
 class DecodeSettings:
     steps: int = 25
@@ -63,6 +67,7 @@ class Decoder(nn.Module):
         # An instance attribute, not a class default: a class-level None would shadow the
         # submodule that nn.Module registers when a controller is assigned later.
         self.controller = None
+        self._negative: torch.Tensor | None = None
 
     # -- hooks ------------------------------------------------------------------------
     def latent_shape(self, s: DecodeSettings) -> tuple[int, ...]:
@@ -75,8 +80,10 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     def negative_condition(self) -> torch.Tensor:
-        """E_text of the empty prompt, for classifier-free guidance (computed once)."""
-        raise NotImplementedError
+        """E_text of the empty prompt, for classifier-free guidance: computed once, kept."""
+        if self._negative is None:
+            self._negative = self.encode_text([""])
+        return self._negative
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """The decoder's own text encoder: Text-Aligned decoding, and phase-1/3a targets."""
@@ -90,6 +97,17 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_hw(self, height: int, width: int, what: str) -> tuple[int, int]:
+        """Pixels -> latent rows and columns, refusing sizes the VAE cannot produce."""
+        f = self.vae_scale_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise DecodeSettingsError(f"{what} size {width}x{height}: width and height must be positive multiples of {f}")
+        return height // f, width // f
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -29,7 +29,7 @@ from xvila.checkpoint import (
     default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
     transformers_loader,
 )
-from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.media import write_png
 
@@ -50,11 +50,6 @@ class ImageDecoder(Decoder):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         # Frozen and in eval mode: inference only; phase 3b unfreezes the U-Net itself.
         self.eval().requires_grad_(False)
-        self._negative: torch.Tensor | None = None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def default_size(self) -> int:
@@ -63,11 +58,8 @@ class ImageDecoder(Decoder):
 
     # -- hooks ---------------------------------------------------------------------------
     def latent_shape(self, s: DecodeSettings) -> tuple[int, int, int]:
-        h, w = s.height or self.default_size, s.width or self.default_size
-        f = self.vae_scale_factor
-        if h % f or w % f or h <= 0 or w <= 0:
-            raise ValueError(f"image size {w}x{h}: width and height must be positive multiples of {f}")
-        return (self.unet.config.in_channels, h // f, w // f)
+        h, w = self.latent_hw(s.height or self.default_size, s.width or self.default_size, "image")
+        return (self.unet.config.in_channels, h, w)
 
     def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
         return {"encoder_hidden_states": e_text}
@@ -84,11 +76,6 @@ class ImageDecoder(Decoder):
         use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
         mask = tokens.attention_mask.to(device) if use_mask else None
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-
-    def negative_condition(self) -> torch.Tensor:
-        if self._negative is None:
-            self._negative = self.encode_text([""])
-        return self._negative
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:

@@ -48,7 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from xvila.checkpoint import default_dtype
 from xvila.constants import VIDEO
-from xvila.decoders.base import DecodeSettings, Decoder
+from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.errors import ConfigError, WeightsUnavailableError
 from xvila.fileio import atomic_path
@@ -311,11 +311,6 @@ class VideoDecoder(Decoder):
         self.condition_fps = condition_fps
         # Frozen and in eval mode: inference only; phase 3b unfreezes the U-Net itself.
         self.eval().requires_grad_(False)
-        self._negative: torch.Tensor | None = None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def fps_conditioned(self) -> bool:
@@ -323,13 +318,10 @@ class VideoDecoder(Decoder):
 
     # -- hooks ---------------------------------------------------------------------------
     def latent_shape(self, s: DecodeSettings) -> tuple[int, int, int, int]:
-        h, w = s.height or self.size[0], s.width or self.size[1]
-        f = self.vae_scale_factor
-        if h % f or w % f or h <= 0 or w <= 0:
-            raise ValueError(f"video size {w}x{h}: width and height must be positive multiples of {f}")
+        h, w = self.latent_hw(s.height or self.size[0], s.width or self.size[1], "video")
         if s.frames < 1:
-            raise ValueError(f"a video needs at least 1 frame, not {s.frames}")
-        return (self.unet.config.in_channels, s.frames, h // f, w // f)
+            raise DecodeSettingsError(f"a video needs at least 1 frame, not {s.frames}")
+        return (self.unet.config.in_channels, s.frames, h, w)
 
     def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
         cond = {"encoder_hidden_states": e_text}
@@ -346,11 +338,6 @@ class VideoDecoder(Decoder):
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
-
-    def negative_condition(self) -> torch.Tensor:
-        if self._negative is None:
-            self._negative = self.encode_text([""])
-        return self._negative
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, s: DecodeSettings) -> np.ndarray:
