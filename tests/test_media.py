@@ -483,3 +483,15 @@ def test_write_wav_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         m.write_wav(tmp_path / "voice.wav", np.zeros(100, np.float32), 16000)
     assert only_file_left(tmp_path) == []
+
+
+def test_video_cut_in_half_after_its_header_is_corrupt_not_short(tmp_path):
+    # write_mp4 puts the header first (+faststart), so FFmpeg can decode the first half of
+    # a cut file without an error; the reader must notice that frames stop early.
+    frames = np.random.default_rng(0).integers(0, 255, (48, 48, 64, 3), dtype=np.uint8)
+    full = m.write_mp4(tmp_path / "full.mp4", frames, fps=8)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert m.read_video(full).frames.shape[0] == 48
+    with pytest.raises(m.CorruptMediaError, match="cut.mp4.*stops at"):
+        m.read_video(cut)

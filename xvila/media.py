@@ -466,12 +466,28 @@ def read_video(
         stream = _video_stream(container, p.name)
         stream.thread_type = "AUTO"  # frame + slice threads: several times faster on H.264
         frames, times = _decode_video(container, stream, start, end, max_duration, p.name, info.fps)
+        # The video stream's own length (the container's may include a longer audio track).
+        stream_end = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     if not frames:
         raise NoFramesError(f"{p.name}: no video frame could be decoded between {start:g} s and {end or info.duration:g} s.")
+    _check_not_cut_short(p.name, times, info.fps, min(end, stream_end) if end and stream_end else (end or stream_end))
     audio = None
     if with_audio and info.has_audio:
         audio = _read_video_audio(p, start, end if end is not None else info.duration, audio_sample_rate, max_duration)
     return Video(np.stack(frames), np.asarray(times, dtype=np.float64), info.fps, info.duration, audio)
+
+
+def _check_not_cut_short(name: str, times: list[float], fps: float, expected_end: float | None) -> None:
+    """FFmpeg decodes a truncated file up to the cut without an error: compare the last
+    frame with where the header says the span ends (half a second and 3 frames of slack)."""
+    if expected_end is None or not times:
+        return
+    step = 1.0 / fps if fps else 0.0
+    if expected_end - (times[-1] + step) > max(0.5, 3 * step):
+        raise CorruptMediaError(
+            f"{name}: the video stops at {times[-1] + step:.2f} s but its header says {expected_end:.2f} s; "
+            "the file is truncated or damaged. Please upload it again."
+        )
 
 
 def _read_video_audio(p: Path, start: float, end: float, rate: int | None, budget: float) -> Audio:
