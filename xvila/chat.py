@@ -12,23 +12,20 @@ half; a single turn too long for the window is an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-
 import tempfile
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from xvila import media as media_io
 from xvila.constants import IMAGE, VIDEO
-from xvila.decoders.base import DecodeSettings, iter_denoise
 from xvila.conversation import Turn, render, tokenize
+from xvila.decoders.base import DecodeSettings, iter_denoise
 from xvila.engine import Engine, Sampling
 from xvila.errors import XVilaError
 from xvila.model import MediaInput
-
 
 VISUAL_DECODERS = (IMAGE, VIDEO)  # the decoders with a visual controller
 
