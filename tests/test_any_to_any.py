@@ -119,3 +119,14 @@ def test_checkpoint_with_decoders_round_trips_to_identical_files(model, files, t
         (ev,) = media_events(chat.send("A video like this", media=[files["image"]], output="video", decode=FAST, seed=2))
         outs.append(media_io.read_video(ev.path, with_audio=False).frames)
     assert np.array_equal(*outs)
+
+
+def test_a_loaded_checkpoint_saves_again_with_its_own_parts(model, tmp_path):
+    model.save_pretrained(tmp_path / "first")
+    loaded = XVila.from_pretrained(tmp_path / "first")
+    loaded.save_pretrained(tmp_path / "second")  # llm/, imagebind/, decoders/ must be written again
+    for part in ("llm", "imagebind", "decoders/image", "decoders/video", "decoders/audio"):
+        assert (tmp_path / "second" / part).is_dir(), part
+    again = XVila.from_pretrained(tmp_path / "second")
+    theirs = dict(loaded.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in again.named_parameters())

@@ -457,23 +457,29 @@ def _base_llm_state(llm) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_xvila(model, folder: str | os.PathLike) -> Path:
-    """Writes the checkpoint folder (see the layout above); base parts with a Hub id are
-    referenced, random ones are written into it."""
+def save_xvila(model, folder: str | os.PathLike, write_decoders: tuple[str, ...] = ()) -> Path:
+    """Writes the checkpoint folder (see the layout above). Base parts named by a Hub id are
+    referenced; parts without one (random, or kept in the folder they were loaded from) are
+    written into it, and so are the decoders in `write_decoders` (U-Nets fine-tuned in
+    phase 3b, which the base repo does not hold)."""
     folder = Path(folder)
     config = model.config
+
+    def stored_here(value, subfolder: str) -> bool:
+        return value is None or value == subfolder
+
     changes = {}
-    if config.llm is None:
+    if stored_here(config.llm, "llm"):
         base = model.llm.get_base_model()
         write_safetensors(_base_llm_state(model.llm), folder / "llm" / "model.safetensors", metadata={"format": "pt"})
         write_json(base.config.to_dict(), folder / "llm" / "config.json")
         changes.update(llm="llm", llm_revision=None)
-    if config.imagebind is None:
+    if stored_here(config.imagebind, "imagebind"):
         save_imagebind(model.imagebind, folder / "imagebind")
         changes.update(imagebind="imagebind")
     decoders = dict(config.decoders)
     for m, source in config.decoders.items():
-        if source is None and m in model.decoders:  # random parts: written here
+        if m in model.decoders and (stored_here(source, f"decoders/{m}") or m in write_decoders):
             model.decoders[m].save_pretrained(folder / "decoders" / m)
             decoders[m] = f"decoders/{m}"
     changes["decoders"] = decoders

@@ -98,10 +98,12 @@ class XVila(nn.Module):
 
         return load_xvila(source, device=device, offload_decoders=offload_decoders)
 
-    def save_pretrained(self, folder) -> None:
+    def save_pretrained(self, folder, write_decoders: tuple[str, ...] = ()) -> None:
+        """See `xvila.checkpoint.save_xvila`; `write_decoders` names fine-tuned decoders to
+        store in the folder rather than reference."""
         from xvila.checkpoint import save_xvila
 
-        save_xvila(self, folder)
+        save_xvila(self, folder, write_decoders)
 
     def new_chat(self, system_prompt: str | None = None, outputs_dir=None):
         """A conversation; generated files go to `outputs_dir` (a temporary folder if None)."""

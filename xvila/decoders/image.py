@@ -88,6 +88,33 @@ class ImageDecoder(Decoder):
     def write(self, media: np.ndarray, path: Path, s: DecodeSettings) -> Path:
         return write_png(path, media)
 
+    @torch.no_grad()
+    def encode_latents(self, media_path_or_array, size: int | None = None) -> torch.Tensor:
+        """A target image -> its latents [4, h, w], the x0 of phase 3b's denoising loss.
+
+        `media_path_or_array`: an image file or uint8 [H, W, 3]. It is resized (short side)
+        and centre-cropped to `size` (default: the U-Net's native size) and scaled to
+        [-1, 1], as SD's VAE expects; the latents are the posterior's mean times the VAE's
+        `scaling_factor`. The mean, not a sample: a target gives the same x0 every epoch
+        and after a resume."""
+        from PIL import Image
+
+        from xvila.media import read_image
+
+        if isinstance(media_path_or_array, np.ndarray):
+            image = Image.fromarray(media_path_or_array)
+        else:
+            image = read_image(media_path_or_array)
+        size = size or self.default_size
+        scale = size / min(image.size)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.convert("RGB").resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        z = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return z[0] * self.vae.config.scaling_factor
+
     # -- building, loading, saving -------------------------------------------------------
     def parts(self) -> dict:
         return {"unet": self.unet, "vae": self.vae, "scheduler": self.scheduler, "text_encoder": self.text_encoder,

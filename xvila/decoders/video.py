@@ -351,6 +351,40 @@ class VideoDecoder(Decoder):
     def write(self, media: np.ndarray, path: Path, s: DecodeSettings) -> Path:
         return write_mp4(path, media, fps=s.fps)
 
+    @torch.no_grad()
+    def encode_latents(self, media_path_or_array, frames: int | None = None) -> torch.Tensor:
+        """A target video -> its latents [4, T, h, w], the x0 of phase 3b's denoising loss.
+
+        `media_path_or_array`: a video file or uint8 frames [T, H, W, 3]. `frames` evenly
+        spaced frames are kept (default: all of an array's, `DecodeSettings().frames` of a
+        file's); each is resized (short side) and centre-cropped to the decoder's size,
+        scaled to [-1, 1] and encoded by the 2D VAE, `decode_chunk` frames at a time. The
+        latents are the posterior's mean times the VAE's `scaling_factor` (deterministic)."""
+        from PIL import Image
+
+        from xvila.media import read_video
+
+        video = media_path_or_array
+        if not isinstance(video, np.ndarray):
+            video = read_video(video, with_audio=False).frames
+            frames = frames or DecodeSettings().frames
+        if frames:
+            video = video[np.linspace(0, len(video) - 1, frames).round().astype(int)]
+        h, w = self.size
+        out = []
+        for frame in video:
+            image = Image.fromarray(frame).convert("RGB")
+            scale = max(h / image.height, w / image.width)
+            fw, fh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+            image = image.resize((fw, fh), Image.BICUBIC)
+            left, top = (fw - w) // 2, (fh - h) // 2
+            out.append(np.asarray(image.crop((left, top, left + w, top + h))))
+        x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(self.vae.device, self.vae.dtype)
+        z = torch.cat([self.vae.encode(x[i:i + self.decode_chunk]).latent_dist.mode()
+                       for i in range(0, len(x), self.decode_chunk)])
+        return z.transpose(0, 1) * self.vae.config.scaling_factor
+
     # -- building, loading, saving -------------------------------------------------------
     def parts(self) -> dict:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
