@@ -84,8 +84,8 @@ def main() -> None:
     tps = statistics.median(r[1] for r in rows)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"| preset | device | cache | compile | TTFT (s) | decode tok/s | peak GPU memory |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| preset | device | cache | compile | TTFT (s) | decode tok/s | peak GPU memory |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.preset} | {name} | {'static' if args.static_cache or args.compile else 'dynamic'} | "
           f"{args.compile} | {ttft:.3f} | {tps:.1f} | {mem} |")
     print(f"(median of {args.runs} runs after a warm-up; {args.tokens} new tokens, one {args.preset} turn with one image)")

@@ -40,7 +40,7 @@ from transformers import (
 
 from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
 from xvila.checkpoint import (
-    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
+    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory,
     transformers_loader,
 )
 from xvila.decoders.image import TOY_WORDS
@@ -136,9 +136,6 @@ class AudioDecoder(Decoder):
             "vocoder": transformers_loader(SpeechT5HifiGan, dtype),
         }, f"audio decoder ({source})")
         return own_memory(cls(**parts).to(device=device, dtype=dtype))
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        return save_parts(self.parts(), folder)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "AudioDecoder":

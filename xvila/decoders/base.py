@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xvila.checkpoint import save_parts
 from xvila.decoders.controller import prepare_e_vis
 from xvila.errors import XVilaError
 
@@ -95,6 +96,14 @@ class Decoder(nn.Module):
 
     def write(self, media, path: Path, s: DecodeSettings) -> Path:
         raise NotImplementedError
+
+    def parts(self) -> dict:
+        """{subfolder: part} of the diffusers layout the decoder loads from and saves to."""
+        raise NotImplementedError
+
+    def save_pretrained(self, folder) -> Path:
+        """Each part with its library's `save_pretrained`, in the layout `from_pretrained` reads."""
+        return save_parts(self.parts(), folder)
 
     # -- shared ------------------------------------------------------------------------
     @property

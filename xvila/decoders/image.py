@@ -26,10 +26,10 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditio
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from xvila.checkpoint import (
-    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory, save_parts,
+    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory,
     transformers_loader,
 )
-from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
+from xvila.decoders.base import DecodeSettings, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.media import write_png
 
@@ -136,9 +136,6 @@ class ImageDecoder(Decoder):
             "tokenizer": CLIPTokenizer.from_pretrained,
         }, f"image decoder ({source})")
         return own_memory(cls(**parts).to(device=device, dtype=dtype))
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        return save_parts(self.parts(), folder)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "ImageDecoder":
