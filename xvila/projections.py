@@ -43,7 +43,8 @@ class OutputProjection(nn.Module):
         self.out = nn.Linear(dim, channels)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """S_gen [N, n, hidden] -> E_text [N, L, C]."""
-        memory = self.inp(states)
+        """S_gen [N, n, hidden] -> E_text [N, L, C], in P_out's dtype (the LLM may run in
+        fp16/bf16 while the projections keep float32)."""
+        memory = self.inp(states.to(self.inp.weight.dtype))
         queries = self.queries.expand(states.shape[0], -1, -1)
         return self.out(self.decoder(queries, memory))
