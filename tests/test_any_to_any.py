@@ -132,14 +132,17 @@ def test_a_loaded_checkpoint_saves_again_with_its_own_parts(model, tmp_path):
     assert all(torch.equal(p, theirs[n]) for n, p in again.named_parameters())
 
 
-def test_half_precision_parts_with_float32_projections(files, tmp_path):
-    """As on a GPU: the LLM, ImageBind and decoders in 16-bit, P_in/P_out/controllers in
-    float32 (bfloat16 here, since a CPU runs it)."""
+def test_half_precision_parts_with_float32_projections(files, tmp_path, monkeypatch):
+    """As `from_pretrained` builds on a GPU: the LLM, ImageBind, decoders and controllers in
+    16-bit, P_in/P_out in float32 (bfloat16 here, which a CPU runs)."""
+    import xvila.checkpoint
+
+    monkeypatch.setattr(xvila.checkpoint, "_torch_dtype", lambda config, device: torch.bfloat16)
     model = XVila.from_pretrained("tiny-random")
-    for part in (model.llm, model.imagebind, model.decoders):
-        part.to(torch.bfloat16)
+    assert model.decoders["image"].controller.proj_in.weight.dtype == torch.bfloat16
+    assert model.llm.get_base_model().lm_head.weight.dtype == torch.bfloat16
     chat = model.new_chat(outputs_dir=tmp_path)
     for target in ("image", "audio"):
-        events = media_events(chat.send("Like this", media=[files["image"]], output=target, decode=FAST))
-        assert [e.modality for e in events] == [target] and all(e.path for e in events)
+        events = media_events(chat.send("Like this", media=[files["image"]], output=target, decode=FAST, compare=True))
+        assert {e.modality for e in events} == {target} and all(e.path for e in events)
         assert events[0].condition.dtype == torch.float32

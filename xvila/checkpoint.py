@@ -408,12 +408,13 @@ def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | No
     decoders = {}
     for m, source in config.decoders.items():
         source = _resolve_part(source, folder)
+        dtype = _torch_dtype(config, device)
         if source is None:
-            decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1])
+            decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
         else:
-            decoder = classes[m].from_pretrained(source, device=device, dtype=_torch_dtype(config, device))
-        if m in (IMAGE, VIDEO):
-            decoder.controller = VisualController.from_unet(decoder.unet, vision_dim)
+            decoder = classes[m].from_pretrained(source, device=device, dtype=dtype)
+        if m in (IMAGE, VIDEO):  # in the U-Net's dtype: its residuals are added to the U-Net's skips
+            decoder.controller = VisualController.from_unet(decoder.unet, vision_dim).to(dtype=dtype)
         decoders[m] = decoder
     return decoders
 
