@@ -169,14 +169,14 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -
         raise PushToHubError(f"{folder} is not an exported X-VILA folder (no config.json)")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise PushToHubError(f"cannot push {folder} to {repo_id}: HF_HUB_OFFLINE is set; unset it (and log in "
-                             "with `huggingface-cli login`) to upload")
+                             "with `hf auth login`) to upload")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="X-VILA export")
     except Exception as err:  # network, auth, rights: all end here, named
         raise PushToHubError(f"could not push {folder} to the Hub repo {repo_id}: {type(err).__name__}: {err}. "
-                             "Check your network and `huggingface-cli login`.") from err
+                             "Check your network and `hf auth login`.") from err
     return str(info)
 
 

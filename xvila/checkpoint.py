@@ -64,9 +64,9 @@ def resolve_file(source: str | os.PathLike, filenames: tuple[str, ...], what: st
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     hint = (
         "HF_HUB_OFFLINE is set and the files are not in the local Hub cache: download them once with network "
-        f"(`huggingface-cli download {repo_id}`) or pass a local path"
+        f"(`hf download {repo_id}`) or pass a local path"
         if offline
-        else "check the repo id, your network and, for gated repos, `huggingface-cli login`; or pass a local path"
+        else "check the repo id, your network and, for gated repos, `hf auth login`; or pass a local path"
     )
     raise WeightsUnavailableError(f"{what}: could not get {' or '.join(filenames)} from the Hub repo {repo_id} "
                                   f"({'; '.join(errors)}). {hint}.")
@@ -216,7 +216,7 @@ def _hint(source: str) -> str:
         return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
-                f"(`huggingface-cli download {source}`) or pass a local folder")
+                f"(`hf download {source}`) or pass a local folder")
     return "Check the repo id and your network, or pass a local folder"
 
 
@@ -303,7 +303,7 @@ def check_offline_availability(config: XVilaConfig, folder: Path | None = None) 
     if missing:
         raise WeightsUnavailableError(
             f"{config.name}: HF_HUB_OFFLINE is set and these repos are not in the local Hub cache: "
-            f"{', '.join(missing)}. Download them once with network (`huggingface-cli download REPO`), "
+            f"{', '.join(missing)}. Download them once with network (`hf download REPO`), "
             "or start from the offline preset `tiny-random`."
         )
 

@@ -230,7 +230,7 @@ def _check_offline(layout: dict[str, _Where], what: str) -> None:
         repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
         raise WeightsUnavailableError(
             f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
-            "once with network (`huggingface-cli download REPO [--revision REV]`), or pass a local folder.")
+            "once with network (`hf download REPO [--revision REV]`), or pass a local folder.")
 
 
 def _strict(info: dict, where: _Where, name: str, what: str, ignore: tuple[str, ...] = ()) -> None:
