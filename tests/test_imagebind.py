@@ -9,12 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from xvila.checkpoint import (
-    filter_imagebind_state, load_imagebind, load_imagebind_tokenizer, read_state_dict, save_imagebind,
+from xvila.encoders.imagebind_weights import (
+    filter_imagebind_state, load_imagebind, load_imagebind_tokenizer, save_imagebind,
 )
 from xvila.encoders.clip_tokenizer import ImageBindTokenizer, toy_clip_tokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.errors import WeightsUnavailableError
+from xvila.fileio import read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "imagebind-tiny-official"

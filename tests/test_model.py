@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import xvila.checkpoint
+import xvila.fileio
 from xvila.checkpoint import build_xvila
 from xvila.config import XVilaConfig
 from xvila.conversation import IGNORE_INDEX, Turn, render, tokenize
@@ -441,10 +442,11 @@ def test_xvila_7b_offline_with_empty_cache_names_the_missing_repos(tmp_path, mon
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    for target in (huggingface_hub, xvila.checkpoint):
-        monkeypatch.setattr(target, "hf_hub_download", no_download)
-        monkeypatch.setattr(target, "snapshot_download", no_download)
-    # xvila.checkpoint holds `try_to_load_from_cache` by name; it reads the cache folder from
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.setattr(xvila.fileio, "hf_hub_download", no_download)
+    monkeypatch.setattr(xvila.checkpoint, "snapshot_download", no_download)
+    # xvila.fileio holds `try_to_load_from_cache` by name; it reads the cache folder from
     # huggingface_hub.constants.HF_HUB_CACHE at call time, so patching the constant suffices.
     cache = tmp_path / "hub"
     cache.mkdir()

@@ -23,19 +23,19 @@ loss stops it with status 3 and a message naming the step and the samples.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from train import export
+from train.loop import NonFiniteLossError, load_config, train
+from train.phases import COMMANDS
 from xvila.errors import XVilaError
-
-PHASE_MODULES = {"phase1": "1", "phase2": "2", "phase3a": "3a", "phase3b": "3b"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, phase in PHASE_MODULES.items():
-        p = sub.add_parser(name, help=f"train phase {phase}")
+    for name, phase in COMMANDS.items():
+        p = sub.add_parser(name, help=f"train phase {phase.key} (train/phases.py)")
         p.add_argument("--config", action="append", required=True, help="YAML config (repeatable, merged in order)")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config setting")
@@ -48,19 +48,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from train.loop import NonFiniteLossError, load_config
-
     try:
         if args.command == "export":
-            from train import export
-
             if not (args.dest or args.repo_id):
                 raise XVilaError("export needs --to and/or --push-to-hub")
             export.main(args.source, args.dest, args.repo_id)
             return 0
-        phase = PHASE_MODULES[args.command]
-        cfg = load_config(args.config, args.overrides, phase=phase)
-        importlib.import_module(f"train.{args.command}").main(cfg, resume=args.resume)
+        cfg = load_config(args.config, args.overrides, phase=COMMANDS[args.command].key)
+        train(cfg, resume=args.resume)
         return 0
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)

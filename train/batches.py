@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from train.cache import FeatureCache, TextCache
 from train.data import GEN_MARKERS, placeholder_sequence, read_manifest, record_kind, replace_gen_markers, resolve
-from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
+from xvila import media
+from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO, VISUAL
 from xvila.conversation import IGNORE_INDEX, PLACEHOLDERS, Turn, render, tokenize
+from xvila.encoders import imagebind_preprocess as pre
 from xvila.errors import XVilaError
 
-VISUAL = (IMAGE, VIDEO)
 NOUN = {IMAGE: "an image", VIDEO: "a video", AUDIO: "a sound"}
 CAPTION_PROMPTS = {
     IMAGE: ["Describe this image briefly.", "What is in this picture?", "Give a short caption for this image."],
@@ -204,15 +206,11 @@ class Order:
 # ------------------------------------------------------------------------- features
 def preprocess(path: Path, modality: str) -> torch.Tensor:
     """A medium decoded and preprocessed for ImageBind (what the FeatureCache would hold encoded)."""
-    from xvila.encoders import imagebind_preprocess as pre
-
-    return {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}[modality](path)
+    return pre.load(path, modality)
 
 
 def read_target(path: Path, modality: str, frames: int) -> np.ndarray:
     """Phase 3b: a target image [H, W, 3] or `frames` evenly spaced video frames [T, H, W, 3], uint8."""
-    from xvila import media
-
     if modality == IMAGE:
         return np.array(media.read_image(path))
     video = media.read_video(path, with_audio=False).frames
@@ -222,11 +220,6 @@ def read_target(path: Path, modality: str, frames: int) -> np.ndarray:
 def _as_target(e: torch.Tensor) -> torch.Tensor:
     """A cached E_text as [L, C] (a cache may keep the batch dimension of one prompt)."""
     return e[0] if e.dim() == 3 else e
-
-
-def mean_clips(highway: torch.Tensor) -> torch.Tensor:
-    """E_vis [H, W, C], or [S, H, W, C] for a video's clips -> [H, W, C] (as the chat does)."""
-    return highway.mean(dim=0) if highway.dim() == 4 else highway
 
 
 # -------------------------------------------------------------------------- dataset
@@ -260,8 +253,6 @@ class Batches(Dataset):
         self.max_length, self.visual, self.want_targets, self.video_frames = max_length, visual, targets, video_frames
         self.features = self.texts = None
         if feature_cache or text_cache:
-            from train.cache import FeatureCache, TextCache
-
             self.features = FeatureCache(feature_cache) if feature_cache else None
             self.texts = TextCache(text_cache) if text_cache else None
 
@@ -391,30 +382,13 @@ class _From(torch.utils.data.Sampler):
 
 
 # ------------------------------------------------------------------ training process
-@torch.no_grad()
-def encode_pixels(model, pixels: dict[str, torch.Tensor], highway: bool = False) -> dict[str, dict]:
-    """ImageBind features of preprocessed media, as the FeatureCache holds them (stacked)."""
-    from xvila.model import IB_KEY
-
-    out = {}
-    for m, x in pixels.items():
-        key = IB_KEY[m]
-        enc = model.imagebind.encode({key: x.to(model.device, model.imagebind_dtype)},
-                                     tokens=model.config.tokens_per_input[m] > 1, vision_blocks=highway and m in VISUAL)
-        out[m] = {"pooled": enc.embeds[key]}
-        if key in enc.tokens:
-            out[m]["tokens"] = enc.tokens[key]
-        if enc.vision_blocks is not None:
-            out[m]["highway"] = enc.vision_blocks
-    return out
-
-
 def media_features(model, batch: dict, highway: bool = False) -> dict[str, dict]:
-    """The batch's input features on the model's device: cached, or encoded now."""
+    """The batch's input features on the model's device: cached, or encoded now (clips
+    averaged, as the FeatureCache holds them)."""
     features = {}
     for m, f in batch["media"].items():
         if "pixels" in f:
-            f = encode_pixels(model, {m: f["pixels"]}, highway)[m]
+            f = model.encode(m, f["pixels"], highway=highway, keep_clips=False)
         features[m] = {k: v.to(model.device) for k, v in f.items()}
     return features
 

@@ -51,15 +51,11 @@ from train.data import (GPT, HUMAN, X2X_TYPES, Skipped, UnsafePathError, check_r
                         placeholder_sequence, resolve)
 from xvila import media
 from xvila.constants import AUDIO, IMAGE, IMAGEBIND_SAMPLE_RATE, VIDEO
-from xvila.errors import XVilaError
+from xvila.errors import ResumeError, XVilaError
 from xvila.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 PAPER_HELDOUT = (200, 200, 200, 62, 62, 62)  # per X2X_TYPES, as the paper's evaluation set
-
-
-class ResumeError(XVilaError, ValueError):
-    """An output folder holds a run with other settings, or its files were altered."""
 
 
 # ------------------------------------------------------------------------------ sources

@@ -43,16 +43,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from train.data import Skipped, UnsafePathError, record_captions, record_media, resolve
+from train.data import Skipped, UnsafePathError, read_manifest, record_captions, record_media, resolve
 from xvila import media
-from xvila.checkpoint import write_safetensors
 from xvila.constants import AUDIO, IMAGE, VIDEO
 from xvila.encoders import imagebind_preprocess as pre
 from xvila.errors import ConfigError, XVilaError
-from xvila.model import IB_KEY
+from xvila.fileio import write_safetensors
+from xvila.model import XVila
 
 INDEX = "index.jsonl"
-LOADERS = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}
 
 
 class NotCachedError(XVilaError, KeyError):
@@ -210,7 +209,7 @@ def _media_items(records_or_paths: Iterable, outputs: bool) -> Iterator[tuple[st
 
 def _load(root: Path, modality: str, rel: str) -> torch.Tensor | BaseException:
     try:
-        return LOADERS[modality](resolve(root, rel))
+        return pre.load(resolve(root, rel), modality)
     except (media.MediaError, UnsafePathError) as err:
         return err
 
@@ -218,32 +217,16 @@ def _load(root: Path, modality: str, rel: str) -> torch.Tensor | BaseException:
 @torch.no_grad()
 def _encode(model, modality: str, xs: list[torch.Tensor], keep_clips: bool, dtype) -> list[dict[str, torch.Tensor]]:
     """ImageBind outputs for a batch of preprocessed inputs of one modality, per item."""
-    ib, key = model.imagebind, IB_KEY[modality]
-    param = next(ib.parameters())
-    out = ib.encode({key: torch.stack(xs).to(param.device, param.dtype)},
-                    tokens=model.config.tokens_per_input[modality] > 1, vision_blocks=modality != AUDIO)
-    fields = {"pooled": out.embeds[key], "tokens": out.tokens.get(key),
-              "highway": out.vision_blocks if modality != AUDIO else None}
-    items = []
-    for b in range(len(xs)):
-        item = {}
-        for name, value in fields.items():
-            if value is None:
-                continue
-            v = value[b]
-            if name != "pooled" and not keep_clips and v.ndim == (3 if name == "tokens" else 4):
-                v = v.mean(dim=0)  # clips of a video/audio: [S, ...] -> [...]
-            item[name] = v.to(dtype or v.dtype).cpu()
-        items.append(item)
-    return items
+    fields = model.encode(modality, torch.stack(xs), highway=True, keep_clips=keep_clips)
+    return [{name: value[b].to(dtype or value.dtype).cpu() for name, value in fields.items()} for b in range(len(xs))]
 
 
 def build_feature_cache(records_or_paths: Iterable, root: str | os.PathLike, model, out_dir: str | os.PathLike, *,
                         shard_size: int = 256, batch_size: int = 8, workers: int = 0, outputs: bool = False,
                         keep_clips: bool = False, dtype: torch.dtype | None = None) -> CacheReport:
     """ImageBind features of every medium the records use (inputs; outputs too if asked),
-    or of the given paths, into `out_dir`. `model` needs `.imagebind` and `.config`
-    (an `XVila`). `workers` threads decode and preprocess ahead of the encoder."""
+    or of the given paths, into `out_dir`, encoded by `model.encode` (an `XVila`). `workers`
+    threads decode and preprocess ahead of the encoder."""
     root = Path(root)
     store = _Writer(out_dir, "features", shard_size)
     was_training = model.imagebind.training
@@ -368,9 +351,6 @@ def main(argv: list[str] | None = None) -> CacheReport:
     parser.add_argument("--workers", type=int, default=4, help="features: decoding threads")
     parser.add_argument("--outputs", action="store_true", help="features: conversation outputs too")
     args = parser.parse_args(argv)
-    from train.data import read_manifest
-    from xvila import XVila
-
     if args.cache == "features" and not args.root:
         parser.error("features needs --root")
     records = itertools.chain.from_iterable(read_manifest(m) for m in args.manifest)

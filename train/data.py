@@ -35,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
 from xvila.conversation import PLACEHOLDERS
 from xvila.errors import XVilaError
+from xvila.fileio import atomic_path
 
 X2X_TYPES = ("VID2IMG", "IMG2VID", "VID2VID", "AUD2VID", "VID2AUD", "IMG+AUD2VID")
 CONVERSATION_TYPES = X2X_TYPES + ("sft",)
@@ -233,8 +234,6 @@ def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
 
 def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> int:
     """Validate and write records as JSONL, atomically (all or nothing); returns the count."""
-    from xvila.fileio import atomic_path
-
     n = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for n, record in enumerate(records, 1):

@@ -20,8 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from xvila.checkpoint import write_json
+from xvila.config import PRESETS, XVilaConfig
+from xvila.decoders.video import ZEROSCOPE_REPO
 from xvila.errors import XVilaError
+from xvila.fileio import write_json
+from xvila.model import XVila
 
 HISTORY = "training.json"
 # Licences of the default base weights (the model cards of these repos are authoritative).
@@ -78,10 +81,6 @@ def _licence(source) -> str:
 
 
 def model_card(config, history: list[dict], folder: Path | None = None) -> str:
-    from xvila.decoders.video import ZEROSCOPE_REPO
-
-    from xvila.config import PRESETS, XVilaConfig
-
     # Where the base parts came from: the preset the first phase started from (a loaded
     # folder's config names its own subfolders instead).
     first = history[0].get("init") if history else None
@@ -182,8 +181,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -
 
 def main(source: str, dest: str | None = None, repo_id: str | None = None) -> Path:
     """Re-export `source` (a phase's final folder) to `dest`, and/or push it to `repo_id`."""
-    from xvila import XVila
-
     folder = Path(source)
     if dest:
         model = XVila.from_pretrained(source)

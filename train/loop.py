@@ -1,7 +1,9 @@
-"""What every phase script shares: its config, the accelerator, checkpoints, stop signals, logs.
+"""The one training loop (`train`), and what it is made of: config, accelerator, checkpoints, logs.
 
-The phase scripts (`train/phase1.py` ... `phase3b.py`) read top to bottom; the pieces
-that would otherwise be copied four times live here:
+    python -m train phase1 --config train/configs/phase1.yaml     # see train/__main__.py
+
+`train(cfg)` runs the phase `cfg.phase` as its row in `train.phases.PHASES` describes it
+(what trains, the data kinds, the samples, the loss); the pieces it uses live here:
 
 - `TrainConfig`, `load_config`: flat YAML configs, `base:` inheritance, `key=value` overrides;
 - `Run`: the `Accelerator` (bf16, accumulation up to the global batch, DDP/DeepSpeed,
@@ -42,23 +44,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from torch import nn
 
-from xvila.checkpoint import write_json, write_safetensors
-from xvila.errors import ConfigError, XVilaError
+from train import batches, export
+from train.phases import PHASES
+from xvila.checkpoint import build_xvila
+from xvila.config import PRESETS, XVilaConfig
+from xvila.constants import VISUAL
+from xvila.errors import ConfigError, ResumeError, XVilaError
+from xvila.fileio import write_json, write_safetensors
 
-PHASES = ("1", "2", "3a", "3b")
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 
 
 class NonFiniteLossError(XVilaError, FloatingPointError):
     """A loss went NaN or infinite; the message names the step, the samples and the last good checkpoint."""
-
-
-class ResumeError(XVilaError):
-    """There is nothing to resume, or the checkpoint does not fit this run."""
 
 
 # ---------------------------------------------------------------------------- config
@@ -105,7 +108,7 @@ class TrainConfig:
     def __post_init__(self):
         self.phase = str(self.phase)
         if self.phase not in PHASES:
-            raise ConfigError(f"phase must be one of {PHASES}, not {self.phase!r}")
+            raise ConfigError(f"phase must be one of {tuple(PHASES)}, not {self.phase!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if self.condition not in ("model", "caption"):
@@ -177,11 +180,6 @@ def accumulation(global_batch: int, micro_batch: int, processes: int) -> int:
 # ------------------------------------------------------------------------------ model
 def load_init(cfg: TrainConfig, device):
     """The model this phase starts from: a preset name or a folder written by a phase."""
-    from huggingface_hub import snapshot_download
-
-    from xvila.checkpoint import build_xvila
-    from xvila.config import PRESETS, XVilaConfig
-
     folder = None
     if cfg.init in PRESETS:
         config = XVilaConfig.from_name(cfg.init)
@@ -232,7 +230,7 @@ def enable_gradient_checkpointing(model, phase: str) -> None:
     """Recompute activations in the backward pass of what trains: the LLM's layers
     (phases 1-3a), the visual U-Nets (3b). Trades ~30% more compute for memory."""
     if phase == "3b":
-        for m in ("image", "video"):
+        for m in VISUAL:
             unet = model.decoders[m].unet
             if unet._supports_gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
@@ -601,8 +599,6 @@ class Run:
     # ------------------------------------------------------------------ the end
     def finish(self, stopped: bool, record: dict | None = None) -> dict:
         """The summary line; at the last step, the final model folder (and a push to the Hub)."""
-        from train import export
-
         acc, cfg = self.accelerator, self.cfg
         if self._bar is not None:
             self._bar.close()
@@ -653,3 +649,55 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run phase `cfg.phase` to `cfg.steps` (or to a stop signal, with a checkpoint); the summary."""
+    phase = PHASES[cfg.phase]
+    with Run(cfg, resume) as run:
+        acc = run.accelerator
+        # ---------------------------------------------------------------- model
+        model = load_init(cfg, run.device)
+        counts = model.set_trainable(phase.key, verbose=acc.is_main_process)
+        train_in_float32(model)
+        phase.modes(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model, phase.key)
+
+        # ---------------------------------------------------------------- data
+        batches.check_kind(cfg.manifests, phase.kinds, phase.key)
+        data = batches.Batches.from_config(cfg, phase.samples, model, run.rank, run.world, **phase.data(cfg))
+        acc.print(f"data: {data.manifest_counts()}{phase.about}; {run.accum} micro-batches of {cfg.micro_batch} x "
+                  f"{run.world} processes per step = {cfg.global_batch}")
+
+        # ---------------------------------------------------------------- optimiser
+        params = list(trainable(model).values())
+        optimizer, scheduler = make_optimizer(params, cfg)
+        objective, optimizer = run.prepare(Objective(model, phase.loss(cfg)), optimizer)
+        run.attach(objective, optimizer, scheduler)
+
+        # ---------------------------------------------------------------- resume
+        start = run.resume()
+        loader = batches.loader(data, start.position, cfg.num_workers, cfg.prefetch_factor, cfg.seed)
+
+        # ---------------------------------------------------------------- training loop
+        stopped = False
+        for step in range(start.step, cfg.steps):
+            for _ in range(run.accum):
+                batch = run.next_batch(loader)
+                with acc.accumulate(objective):
+                    losses = objective(batch)
+                    run.check_finite(losses, step, batch)
+                    acc.backward(losses["loss"])
+            acc.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if run.end_step(step + 1, scheduler.get_last_lr()[0]):
+                stopped = True
+                break
+
+        # ---------------------------------------------------------------- the end
+        record = {"phase": phase.key, "trains": counts, "data": data.manifest_counts(), **phase.record(cfg)}
+        return run.finish(stopped, record=record)

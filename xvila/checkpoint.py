@@ -1,269 +1,36 @@
-"""The one place that finds, reads and writes weights.
+"""The assembler: build, load and save a whole `XVila` (the one module that knows every part).
 
-Sources are resolved the same way for every component: a local file, a local folder, or
-a Hugging Face Hub repo id (fetched once into the Hub cache by `huggingface_hub`). What we
-write is safetensors, atomically; `.pth`/`.bin` files are read with
-`torch.load(weights_only=True)` only. Loads are strict: a missing or unexpected key is an
-error that lists the keys, never a warning.
+Every part's own weights go through its own loader (`xvila.encoders.imagebind_weights`,
+each decoder's `from_pretrained` / `save_pretrained`), which use only the leaf
+`xvila.fileio`; this module puts the parts together. It imports the model, never the
+reverse: `XVila.from_pretrained` / `save_pretrained` reach it through a function-level
+import (a documented hook).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import huggingface_hub.constants
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel
-from diffusers import DPMSolverMultistepScheduler
-from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CLIPTokenizer, LlamaConfig, LlamaForCausalLM,
-)
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from xvila.config import PRESETS, XVilaConfig
-from xvila.constants import AUDIO, IMAGE, VIDEO
-from xvila.encoders.clip_tokenizer import CLIP_TOKENIZER_REPO, ImageBindTokenizer
+from xvila.constants import AUDIO, IMAGE, VIDEO, VISUAL
+from xvila.decoders.audio import AudioDecoder
+from xvila.decoders.controller import VisualController
+from xvila.decoders.image import ImageDecoder
+from xvila.decoders.video import VideoDecoder
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
+from xvila.encoders.imagebind_weights import load_imagebind, save_imagebind
 from xvila.errors import WeightsUnavailableError
-from xvila.fileio import atomic_path
-
-IMAGEBIND_REPO = "nielsr/imagebind-huge"
-# nielsr/imagebind-huge ships safetensors; the official release is a .pth that users may
-# have downloaded themselves (or mirrored into a repo of their own).
-IMAGEBIND_FILES = ("model.safetensors", "imagebind_huge.pth")
-
-
-def resolve_file(source: str | os.PathLike, filenames: tuple[str, ...], what: str) -> Path:
-    """A local file, the first of `filenames` in a local folder, or in a Hub repo."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in filenames:
-            if (path / name).is_file():
-                return path / name
-        raise WeightsUnavailableError(f"{what}: none of {list(filenames)} is in the folder {path}")
-    repo_id = str(source)
-    if path.is_absolute() or str(source).startswith((".", "~")) or repo_id.count("/") != 1:
-        raise WeightsUnavailableError(f"{what}: {source} is neither a file, a folder, nor a Hub repo id (owner/name)")
-    errors = []
-    for name in filenames:
-        try:
-            return Path(hf_hub_download(repo_id, name))
-        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as err:
-            errors.append(f"{name}: {type(err).__name__}")
-        except OSError as err:  # network down, disk full, permission
-            errors.append(f"{name}: {err}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    hint = (
-        "HF_HUB_OFFLINE is set and the files are not in the local Hub cache: download them once with network "
-        f"(`hf download {repo_id}`) or pass a local path"
-        if offline
-        else "check the repo id, your network and, for gated repos, `hf auth login`; or pass a local path"
-    )
-    raise WeightsUnavailableError(f"{what}: could not get {' or '.join(filenames)} from the Hub repo {repo_id} "
-                                  f"({'; '.join(errors)}). {hint}.")
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # common training-checkpoint envelopes
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return state
-
-
-def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    return Path(path)
-
-
-def write_json(obj, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    return Path(path)
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
-    """`load_state_dict(strict=True)` with a message that names the keys and the part."""
-    expected, given = set(module.state_dict()), set(state)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = ([f"missing {show(missing)}"] if missing else []) + ([f"unexpected {show(unexpected)}"] if unexpected else [])
-        raise WeightsUnavailableError(f"{what}: the weights do not match the model: {'; '.join(parts)}")
-    try:
-        module.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as err:  # shape mismatch: the config does not match the weights
-        raise WeightsUnavailableError(f"{what}: the weights do not match the model's config: {err}") from err
-
-
-# ---------------------------------------------------------------------------- ImageBind
-
-
-def filter_imagebind_state(state: dict[str, torch.Tensor], modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Drop the official checkpoint's depth/thermal/IMU (or any unbuilt modality) keys.
-    Keys of our modalities and keys that fit no modality are kept, so strict loading
-    still catches a foreign checkpoint."""
-    groups = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
-    all_modalities = ("vision", "text", "audio", "depth", "thermal", "imu")
-
-    def keep(key: str) -> bool:
-        group, _, rest = key.partition(".")
-        modality = rest.partition(".")[0]
-        return not (group in groups and modality in all_modalities and modality not in modalities)
-
-    return {k: v for k, v in state.items() if keep(k)}
-
-
-def load_imagebind(
-    source: str | os.PathLike = IMAGEBIND_REPO,
-    config: ImageBindConfig | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> ImageBind:
-    """ImageBind in eval mode with frozen weights from an official-format checkpoint.
-
-    `config` defaults to the `config.json` beside the weights (our own, or the official
-    constructor's kwargs as in `nielsr/imagebind-huge`), else ImageBind-huge.
-    """
-    what = f"ImageBind ({source})"
-    weights = resolve_file(source, IMAGEBIND_FILES, what)
-    if config is None:
-        config_file = weights.with_name("config.json")
-        config = ImageBindConfig.from_dict(json.loads(config_file.read_text())) if config_file.is_file() else ImageBindConfig()
-    state = filter_imagebind_state(read_state_dict(weights), config.modalities)
-    with torch.device("meta"):  # no time or memory spent on a random init we overwrite
-        model = ImageBind(config)
-    load_strict(model, state, what, assign=True)
-    model.to(device=device, dtype=dtype)
-    return model.eval().requires_grad_(False)
-
-
-def save_imagebind(model: ImageBind, folder: str | os.PathLike) -> Path:
-    """Writes `config.json` + `model.safetensors` with the official key names."""
-    folder = Path(folder)
-    write_safetensors(model.state_dict(), folder / "model.safetensors")
-    write_json(model.config.to_dict(), folder / "config.json")
-    return folder
-
-
-def load_imagebind_tokenizer(source: str | os.PathLike = CLIP_TOKENIZER_REPO, context_length: int = 77) -> ImageBindTokenizer:
-    """CLIP's BPE from a folder or Hub repo with `tokenizer.json` (or `vocab.json` + `merges.txt`)."""
-    # Resolve the files ourselves: transformers quietly builds an empty tokenizer when
-    # they are missing.
-    what = f"CLIP tokenizer ({source})"
-    try:
-        folder = resolve_file(source, ("tokenizer.json",), what).parent
-    except WeightsUnavailableError:
-        folder = resolve_file(source, ("vocab.json",), what).parent
-        if resolve_file(source, ("merges.txt",), what).parent != folder:
-            raise WeightsUnavailableError(f"{what}: pass the folder or repo that holds the tokenizer files") from None
-    tokenizer = ImageBindTokenizer(CLIPTokenizer.from_pretrained(str(folder)), context_length)
-    if tokenizer.vocab_size < 258:  # fewer than the byte alphabet and the two special tokens
-        raise WeightsUnavailableError(f"{what}: the vocabulary in {folder} is empty or broken")
-    return tokenizer
-
-
-# ---------------------------------------------------------------------------- decoders
-# Parts in a diffusers layout (a subfolder per part), loaded each with its own library.
-def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
-    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
-    folder, with every library error turned into a `WeightsUnavailableError` that names the
-    repo and the part. transformers only warns about weights missing from a checkpoint
-    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
-    path = Path(source).expanduser()
-    source = str(path) if path.is_dir() else str(source)
-    if not path.is_dir() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
-        raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
-    parts = {}
-    for name, loader in loaders.items():
-        try:
-            part = loader(source, subfolder=name)
-        except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
-            reason = str(err).rstrip(".")
-            raise WeightsUnavailableError(
-                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
-            ) from err
-        if isinstance(part, tuple):  # transformers' (model, loading info)
-            part, info = part
-            # Only missing parameters count: buffers such as CLAP's position and token-type
-            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
-            # before transformers made them persistent) do not hold them.
-            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
-            if missing:
-                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
-        parts[name] = part
-    return parts
-
-
-def _hint(source: str) -> str:
-    if Path(source).is_dir():
-        return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
-                f"(`hf download {source}`) or pass a local folder")
-    return "Check the repo id and your network, or pass a local folder"
-
-
-def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
-                                                         output_loading_info=True)
-
-
-def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
-
-
-def dpm_solver_loader(source, subfolder):
-    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
-    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
-    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")
-
-
-def default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision is for accelerators; a CPU runs (and tests) in float32.
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def own_memory(module: torch.nn.Module) -> torch.nn.Module:
-    """Copies every CPU tensor into memory of its own. Weights read from safetensors sit at
-    arbitrary offsets of a memory-mapped file, and CPU BLAS kernels round differently (in
-    the last bit) on unaligned memory, so without this a reloaded model would not
-    reproduce its outputs bit for bit. (A GPU copy is fresh, aligned memory already.)"""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.device.type == "cpu":
-            tensor.data = tensor.data.clone()
-    return module
-
-
-def save_parts(parts: dict, folder: str | os.PathLike) -> Path:
-    """Each part with its library's `save_pretrained`, in the subfolder `load_parts` reads."""
-    folder = Path(folder)
-    for name, part in parts.items():
-        part.save_pretrained(str(folder / name))
-    return folder
-
-
-# ------------------------------------------------------------------------------ decoder
+from xvila.fileio import default_device, load_strict, missing_from_cache, read_state_dict, write_json, write_safetensors
+from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
+from xvila.model import XVila
 
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
@@ -296,10 +63,7 @@ def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str,
 def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
     """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
     instead of failing on the first after minutes of loading."""
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    missing = [f"{repo} ({name})" for repo, name, rev in _hub_parts(config, folder)
-               if not isinstance(try_to_load_from_cache(repo, name, revision=rev), str)]
+    missing = [f"{repo} ({name})" for repo, name, _ in missing_from_cache(_hub_parts(config, folder))]
     if missing:
         raise WeightsUnavailableError(
             f"{config.name}: HF_HUB_OFFLINE is set and these repos are not in the local Hub cache: "
@@ -348,10 +112,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
                 offload_decoders: bool = False):
     """An XVila from `config`: base parts loaded (or random where named None), X-VILA parts
     fresh (seeded) unless `folder` is a checkpoint to read them from."""
-    from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
-    from xvila.model import XVila
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     check_offline_availability(config, folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -399,11 +160,6 @@ def _xvila_parts(model) -> nn.ModuleDict:
 def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | None, vision_dim: int, seed: int) -> dict:
     """One decoder per modality (random tiny parts where the config names none), each image
     and video decoder with a visual controller sized from its U-Net."""
-    from xvila.decoders.audio import AudioDecoder
-    from xvila.decoders.controller import VisualController
-    from xvila.decoders.image import ImageDecoder
-    from xvila.decoders.video import VideoDecoder
-
     classes = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
     decoders = {}
     for m, source in config.decoders.items():
@@ -413,7 +169,7 @@ def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | No
             decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
         else:
             decoder = classes[m].from_pretrained(source, device=device, dtype=dtype)
-        if m in (IMAGE, VIDEO):  # in the U-Net's dtype: its residuals are added to the U-Net's skips
+        if m in VISUAL:  # in the U-Net's dtype: its residuals are added to the U-Net's skips
             decoder.controller = VisualController.from_unet(decoder.unet, vision_dim).to(dtype=dtype)
         decoders[m] = decoder
     return decoders

@@ -18,3 +18,9 @@ IMAGEBIND_AUDIO_STD = 9.138
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; larger is treated as a decompression bomb
 MAX_VIDEO_SECONDS = 600.0  # longer videos are refused before any frame is decoded
 MAX_AUDIO_SECONDS = 600.0
+
+# The decoders with a visual controller: the visual embedding highway and phase 3b.
+VISUAL = (IMAGE, VIDEO)
+
+# The variants of a generated medium (paper, section 3.3), also accepted as `decoding=`.
+TA, TA_VEH, TEXT_ALIGNED = "TA", "TA+VEH", "text-aligned"

@@ -15,3 +15,8 @@ class WeightsUnavailableError(XVilaError):
 
 class ConfigError(XVilaError, ValueError):
     """A config or preset is unknown or inconsistent."""
+
+
+class ResumeError(XVilaError, ValueError):
+    """There is nothing to resume, or a checkpoint or partial output does not fit this run
+    (a training phase's checkpoints, a data builder's partial output)."""

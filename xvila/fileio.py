@@ -1,12 +1,32 @@
-"""Atomic file writes: outputs and checkpoints are either whole or absent."""
+"""The package's one leaf for files, weights and the Hub: it imports nothing of `xvila` but errors.
+
+Sources are resolved the same way for every part: a local file, a local folder, or a
+Hugging Face Hub repo id (fetched once into the Hub cache by `huggingface_hub`). What we
+write is safetensors or JSON, atomically (a temporary file beside the target, then a
+rename). `.pth`/`.bin` files are read with `torch.load(weights_only=True)` only. Loads are
+strict: a missing or unexpected key is an error that lists the keys, never a warning.
+Each part's own loader sits beside the part (`xvila.encoders.imagebind_weights`, each
+decoder's module) and uses only this module; `xvila.checkpoint` assembles the whole model.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import huggingface_hub.constants
+import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from xvila.errors import WeightsUnavailableError
 
 
 @contextlib.contextmanager
@@ -26,3 +46,169 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def offline_env() -> bool:
+    """HF_HUB_OFFLINE as the environment has it (for messages; checks read the library's constant)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """`owner/name`, not a path: what may be looked up on the Hub."""
+    text = str(source)
+    return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1)
+
+
+def missing_from_cache(files: list[tuple[str, str, str | None]]) -> list[tuple[str, str, str | None]]:
+    """With HF_HUB_OFFLINE set, the (repo, file, revision) of `files` not in the local Hub
+    cache: the one offline-availability check, so that a load names every missing repo at
+    once instead of failing on the first after minutes of loading. Empty when online."""
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        return []
+    return [(repo, name, rev) for repo, name, rev in files
+            if not isinstance(try_to_load_from_cache(repo, name, revision=rev), str)]
+
+
+def resolve_file(source: str | os.PathLike, filenames: tuple[str, ...], what: str) -> Path:
+    """A local file, the first of `filenames` in a local folder, or in a Hub repo."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in filenames:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsUnavailableError(f"{what}: none of {list(filenames)} is in the folder {path}")
+    repo_id = str(source)
+    if not is_hub_id(repo_id):
+        raise WeightsUnavailableError(f"{what}: {source} is neither a file, a folder, nor a Hub repo id (owner/name)")
+    errors = []
+    for name in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, name))
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as err:
+            errors.append(f"{name}: {type(err).__name__}")
+        except OSError as err:  # network down, disk full, permission
+            errors.append(f"{name}: {err}")
+    hint = (
+        "HF_HUB_OFFLINE is set and the files are not in the local Hub cache: download them once with network "
+        f"(`hf download {repo_id}`) or pass a local path"
+        if offline_env()
+        else "check the repo id, your network and, for gated repos, `hf auth login`; or pass a local path"
+    )
+    raise WeightsUnavailableError(f"{what}: could not get {' or '.join(filenames)} from the Hub repo {repo_id} "
+                                  f"({'; '.join(errors)}). {hint}.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # common training-checkpoint envelopes
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def show_keys(keys) -> str:
+    """The first few of `keys`, sorted, and how many there are: for error messages."""
+    keys = sorted(map(str, keys))
+    return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """`load_state_dict(strict=True)` with a message that names the keys and the part."""
+    expected, given = set(module.state_dict()), set(state)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = ([f"missing {show_keys(missing)}"] if missing else []) + (
+            [f"unexpected {show_keys(unexpected)}"] if unexpected else [])
+        raise WeightsUnavailableError(f"{what}: the weights do not match the model: {'; '.join(parts)}")
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as err:  # shape mismatch: the config does not match the weights
+        raise WeightsUnavailableError(f"{what}: the weights do not match the model's config: {err}") from err
+
+
+# ---------------------------------------------------------------------------- multi-part folders
+# Parts in a diffusers layout (a subfolder per part), loaded each with its own library.
+def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
+    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
+    folder, with every library error turned into a `WeightsUnavailableError` that names the
+    repo and the part. transformers only warns about weights missing from a checkpoint
+    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
+    path = Path(source).expanduser()
+    source = str(path) if path.is_dir() else str(source)
+    if not path.is_dir() and not is_hub_id(source):
+        raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
+    parts = {}
+    for name, loader in loaders.items():
+        try:
+            part = loader(source, subfolder=name)
+        except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
+            reason = str(err).rstrip(".")
+            raise WeightsUnavailableError(
+                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
+            ) from err
+        if isinstance(part, tuple):  # transformers' (model, loading info)
+            part, info = part
+            # Only missing parameters count: buffers such as CLAP's position and token-type
+            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
+            # before transformers made them persistent) do not hold them.
+            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
+            if missing:
+                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
+        parts[name] = part
+    return parts
+
+
+def _hint(source: str) -> str:
+    if Path(source).is_dir():
+        return "The folder is not a complete decoder (written by `save_pretrained`, or a diffusers repo layout)"
+    if offline_env():
+        return (f"HF_HUB_OFFLINE is set and {source} is not in the local Hub cache: download it once with network "
+                f"(`hf download {source}`) or pass a local folder")
+    return "Check the repo id and your network, or pass a local folder"
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision is for accelerators; a CPU runs (and tests) in float32.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copies every CPU tensor into memory of its own. Weights read from safetensors sit at
+    arbitrary offsets of a memory-mapped file, and CPU BLAS kernels round differently (in
+    the last bit) on unaligned memory, so without this a reloaded model would not
+    reproduce its outputs bit for bit. (A GPU copy is fresh, aligned memory already.)"""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    return module
+
+
+def save_parts(parts: dict, folder: str | os.PathLike) -> Path:
+    """Each part with its library's `save_pretrained`, in the subfolder `load_parts` reads."""
+    folder = Path(folder)
+    for name, part in parts.items():
+        part.save_pretrained(str(folder / name))
+    return folder

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvila.config import XVilaConfig
-from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
+from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO, VISUAL
 from xvila.conversation import IGNORE_INDEX, PLACEHOLDERS
 from xvila.encoders import imagebind_preprocess as pre
 from xvila.encoders.imagebind import AUDIO as IB_AUDIO
 from xvila.encoders.imagebind import VISION as IB_VISION
-from xvila.encoders.imagebind import ImageBind
+from xvila.encoders.imagebind import ImageBind, mean_clips
 from xvila.errors import ConfigError
 from xvila.projections import InputProjection, OutputProjection
 
@@ -39,8 +39,8 @@ GROUPS = {
     "p_out": lambda n: n.startswith("p_out."),
     "new_tokens": lambda n: "trainable_tokens_delta" in n,
     "lora": lambda n: "lora_" in n,
-    "controllers": lambda n: n.startswith(("decoders.image.controller.", "decoders.video.controller.")),
-    "visual_unets": lambda n: n.startswith(("decoders.image.unet.", "decoders.video.unet.")),
+    "controllers": lambda n: n.startswith(tuple(f"decoders.{m}.controller." for m in VISUAL)),
+    "visual_unets": lambda n: n.startswith(tuple(f"decoders.{m}.unet." for m in VISUAL)),
 }
 PHASES = {
     "1": ("p_in", "p_out", "new_tokens"),
@@ -130,14 +130,32 @@ class XVila(nn.Module):
 
     # ------------------------------------------------------------------ media in
     @torch.no_grad()
+    def encode(self, modality: str, pixels: torch.Tensor, highway: bool = False,
+               keep_clips: bool = True) -> dict[str, torch.Tensor]:
+        """ImageBind features of a batch of preprocessed inputs of one modality: the one
+        place media is encoded (chat, training batches and the feature cache call it).
+
+        `pixels`: [N, ...] as `xvila.encoders.imagebind_preprocess` makes them. Returns
+        `pooled` [N, out_dim]; `tokens` [N, (S,) L, D] when P_in takes k > 1 tokens;
+        `highway` (E_vis) [N, (S,) H, W, C] for visual inputs when asked. A video's or an
+        audio's S clips are averaged unless `keep_clips` (then `mean_clips` does it later)."""
+        key = IB_KEY[modality]
+        out = self.imagebind.encode({key: pixels.to(self.device, self.imagebind_dtype)},
+                                    tokens=self.config.tokens_per_input[modality] > 1,
+                                    vision_blocks=highway and modality in VISUAL)
+        features = {"pooled": out.embeds[key]}
+        if key in out.tokens:
+            features["tokens"] = out.tokens[key] if keep_clips else mean_clips(out.tokens[key], 3)
+        if out.vision_blocks is not None:
+            features["highway"] = out.vision_blocks if keep_clips else mean_clips(out.vision_blocks, 4)
+        return features
+
+    @torch.no_grad()
     def encode_media(self, path: str, modality: str) -> MediaInput:
         """Decode, preprocess and encode one file; the result is cached in the chat history."""
-        load = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}[modality]
-        x = load(path)[None].to(self.device, self.imagebind_dtype)
-        out = self.imagebind.encode({IB_KEY[modality]: x}, tokens=self.config.tokens_per_input[modality] > 1,
-                                    vision_blocks=modality != AUDIO)
-        embeds = self.project_media(modality, out.embeds[IB_KEY[modality]], out.tokens.get(IB_KEY[modality]))
-        highway = out.vision_blocks[0] if out.vision_blocks is not None else None
+        features = self.encode(modality, pre.load(path, modality)[None], highway=True)
+        embeds = self.project_media(modality, features["pooled"], features.get("tokens"))
+        highway = features["highway"][0] if "highway" in features else None
         return MediaInput(modality, embeds[0], highway, source=str(path))
 
     @contextlib.contextmanager
@@ -160,9 +178,9 @@ class XVila(nn.Module):
         return next(self.imagebind.parameters()).dtype
 
     def project_media(self, modality: str, pooled: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """ImageBind output -> [N, k, hidden] in the LLM's dtype."""
-        if tokens is not None and tokens.ndim == 4:  # [N, S, L, D]: clips of a video or audio
-            tokens = tokens.mean(dim=1)
+        """ImageBind output -> [N, k, hidden] in the LLM's dtype; `tokens` [N, (S,) L, D]."""
+        if tokens is not None:
+            tokens = mean_clips(tokens, 3)
         p = self.p_in[modality]
         if p.k > 1 and tokens is None:
             raise ConfigError(f"P_in[{modality}] takes k={p.k} tokens per input: it needs ImageBind's token grid, not only the pooled embedding")
@@ -189,6 +207,16 @@ class XVila(nn.Module):
         mask = torch.isin(input_ids, torch.tensor(self.gen_ids[modality], device=input_ids.device))
         return hidden[mask].reshape(-1, n, hidden.shape[-1])
 
+    def hidden_states(self, input_ids: torch.Tensor, media: dict | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's last hidden states over the prompt with its inputs spliced in.
+
+        media: {m: {"pooled": [N, out_dim], "tokens": [N, (S,) L, D] or absent}}, ImageBind
+        features (`encode`, or the feature cache) of the inputs, in placeholder order."""
+        embeds = self.splice(input_ids, {m: self.project_media(m, f["pooled"], f.get("tokens"))
+                                         for m, f in (media or {}).items()})
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
     # ------------------------------------------------------------------ training
     def forward_train(self, input_ids, labels, attention_mask=None, media=None, targets=None) -> dict[str, torch.Tensor]:
         """Named losses for a batch.
@@ -197,9 +225,7 @@ class XVila(nn.Module):
                  features of the inputs, in placeholder order (precomputable).
         targets: {m: [runs, L, C]} E_text targets, one per generation-token run of m, in order.
         """
-        embeds = self.splice(input_ids, {m: self.project_media(m, f["pooled"], f.get("tokens"))
-                                         for m, f in (media or {}).items()})
-        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = self.hidden_states(input_ids, media, attention_mask)
         logits = self.lm_head(hidden[:, :-1]).float()
         losses = {"lm": F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)}
         for m, target in (targets or {}).items():

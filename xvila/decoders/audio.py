@@ -38,12 +38,11 @@ from transformers import (
     ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig,
 )
 
-from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
-from xvila.checkpoint import (
-    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory,
-    transformers_loader,
+from xvila.decoders.base import (
+    DecodeSettings, DecodeSettingsError, Decoder, diffusers_loader, dpm_solver_loader, transformers_loader,
 )
 from xvila.decoders.image import TOY_WORDS
+from xvila.fileio import default_device, default_dtype, load_parts, own_memory
 from xvila.media import write_wav
 
 AUDIOLDM_REPO = "cvssp/audioldm-s-full-v2"

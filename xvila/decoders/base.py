@@ -21,12 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
-from xvila.checkpoint import save_parts
 from xvila.decoders.controller import prepare_e_vis
 from xvila.errors import XVilaError
+from xvila.fileio import save_parts
 
 
 class Cancelled(XVilaError):
@@ -133,6 +136,17 @@ class Decoder(nn.Module):
         return self.controller(prepare_e_vis(e_vis).to(self.device, self.dtype), latent_shape)
 
 
+def resize_center_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width, 3]: `image` in RGB, scaled (bicubic) so that it covers the size,
+    then cropped at the centre; how phase-3b targets reach a VAE's input size."""
+    image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - width) // 2, (h - height) // 2
+    return np.asarray(image.crop((left, top, left + width, top + height))).copy()
+
+
 def use_highway(t, num_train_timesteps: int, alpha: float) -> bool:
     """Eq. 4: the controller's residuals go in on the steps with t < T·alpha."""
     return float(t) < num_train_timesteps * alpha
@@ -230,3 +244,20 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
                         return_dict=False)[0]
     target = decoder.scheduler.get_velocity(x0, noise, t) if config.prediction_type == "v_prediction" else noise
     return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+# ------------------------------------------------------------------ loading parts
+# `xvila.fileio.load_parts` calls one of these per subfolder: the library's own loader.
+def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
+                                                         output_loading_info=True)
+
+
+def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
+    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
+
+
+def dpm_solver_loader(source, subfolder):
+    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
+    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
+    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")

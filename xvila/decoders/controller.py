@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xvila.encoders.imagebind import mean_clips
+
 
 def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
@@ -119,6 +121,4 @@ class VisualController(nn.Module):
 
 def prepare_e_vis(highway: torch.Tensor) -> torch.Tensor:
     """A chat input's E_vis ([H, W, C], or [S, H, W, C] for a video's clips) -> [1, H, W, C]."""
-    if highway.dim() == 4:
-        highway = highway.mean(dim=0)
-    return highway[None]
+    return mean_clips(highway[None], 4)

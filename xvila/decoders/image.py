@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from xvila.checkpoint import (
-    default_device, default_dtype, diffusers_loader, dpm_solver_loader, load_parts, own_memory,
-    transformers_loader,
+from xvila.decoders.base import (
+    DecodeSettings, Decoder, diffusers_loader, dpm_solver_loader, resize_center_crop, transformers_loader,
 )
-from xvila.decoders.base import DecodeSettings, Decoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
-from xvila.media import write_png
+from xvila.fileio import default_device, default_dtype, load_parts, own_memory
+from xvila.media import read_image, write_png
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Words the tiny random decoders' toy tokenizers know (anything else falls back to bytes).
@@ -97,21 +97,13 @@ class ImageDecoder(Decoder):
         [-1, 1], as SD's VAE expects; the latents are the posterior's mean times the VAE's
         `scaling_factor`. The mean, not a sample: a target gives the same x0 every epoch
         and after a resume."""
-        from PIL import Image
-
-        from xvila.media import read_image
-
         if isinstance(media_path_or_array, np.ndarray):
             image = Image.fromarray(media_path_or_array)
         else:
             image = read_image(media_path_or_array)
         size = size or self.default_size
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.convert("RGB").resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        pixels = resize_center_crop(image, size, size)
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
         z = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
         return z[0] * self.vae.config.scaling_factor
 

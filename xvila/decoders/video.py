@@ -39,6 +39,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet3DConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -46,13 +47,12 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from xvila.checkpoint import default_dtype
 from xvila.constants import VIDEO
-from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder
+from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder, resize_center_crop
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.errors import ConfigError, WeightsUnavailableError
-from xvila.fileio import atomic_path
-from xvila.media import write_mp4
+from xvila.fileio import atomic_path, default_dtype
+from xvila.media import read_video, write_mp4
 
 VIDEOCRAFTER2_REPO = "adamdad/videocrafterv2_diffusers"
 ZEROSCOPE_REPO = "cerspense/zeroscope_v2_576w"
@@ -360,10 +360,6 @@ class VideoDecoder(Decoder):
         file's); each is resized (short side) and centre-cropped to the decoder's size,
         scaled to [-1, 1] and encoded by the 2D VAE, `decode_chunk` frames at a time. The
         latents are the posterior's mean times the VAE's `scaling_factor` (deterministic)."""
-        from PIL import Image
-
-        from xvila.media import read_video
-
         video = media_path_or_array
         if not isinstance(video, np.ndarray):
             video = read_video(video, with_audio=False).frames
@@ -371,14 +367,7 @@ class VideoDecoder(Decoder):
         if frames:
             video = video[np.linspace(0, len(video) - 1, frames).round().astype(int)]
         h, w = self.size
-        out = []
-        for frame in video:
-            image = Image.fromarray(frame).convert("RGB")
-            scale = max(h / image.height, w / image.width)
-            fw, fh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
-            image = image.resize((fw, fh), Image.BICUBIC)
-            left, top = (fw - w) // 2, (fh - h) // 2
-            out.append(np.asarray(image.crop((left, top, left + w, top + h))))
+        out = [resize_center_crop(Image.fromarray(frame), h, w) for frame in video]
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
         x = x.to(self.vae.device, self.vae.dtype)
         z = torch.cat([self.vae.encode(x[i:i + self.decode_chunk]).latent_dist.mode()

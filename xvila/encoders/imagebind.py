@@ -373,3 +373,15 @@ class ImageBind(nn.Module):
             # The end-of-text token has the largest id in CLIP's vocabulary.
             return self.modality_heads[m](hidden, eos_index=x.argmax(dim=-1))
         return self.modality_heads[m](hidden)
+
+
+def mean_clips(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """A batch [N, S, *item] of a video's or an audio's S clips -> [N, *item], the clips
+    averaged; a batch without a clip axis ([N, *item], `rank` dimensions) as it is. The one
+    place where clips of token grids and of E_vis are averaged (ImageBind's own pooled
+    embedding averages its clips in `encode`)."""
+    if x.ndim == rank + 1:
+        return x.mean(dim=1)
+    if x.ndim != rank:
+        raise ValueError(f"expected a batch of {rank} dimensions, or {rank + 1} with clips; got shape {tuple(x.shape)}")
+    return x

@@ -81,7 +81,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xvila import media
 from xvila.constants import (
+    AUDIO,
+    IMAGE,
+    VIDEO,
     CLIP_MEAN,
     CLIP_STD,
     IMAGEBIND_AUDIO_MEAN,
@@ -422,7 +426,6 @@ def audio_to_clips(
 
 def load_image(path) -> torch.Tensor:
     """Image file -> ``[3, 224, 224]``."""
-    from xvila import media
 
     return image_to_tensor(media.read_image(path))
 
@@ -470,7 +473,6 @@ def load_video(path, clip_duration: float = 2, clips_per_video: int = 5) -> torc
     of them (``UniformTemporalSubsample(clip_duration)``).  Only the frames near each clip
     span are decoded.
     """
-    from xvila import media
 
     info = media.probe_video(path)  # typed errors and budgets first
     timeline = _video_timeline(path)
@@ -501,7 +503,11 @@ def load_video(path, clip_duration: float = 2, clips_per_video: int = 5) -> torc
 
 def load_audio(path, clip_duration: float = 2, clips_per_video: int = 3) -> torch.Tensor:
     """Audio (or video) file -> ``[clips_per_video, 1, 128, 204]``, resampled to 16 kHz."""
-    from xvila import media
 
     audio = media.read_audio(path, sample_rate=IMAGEBIND_SAMPLE_RATE, mono=False)
     return audio_to_clips(audio.samples, audio.sample_rate, clip_duration, clips_per_video)
+
+
+def load(path, modality: str) -> torch.Tensor:
+    """A file of `modality` ("image", "video" or "audio") decoded and preprocessed for ImageBind."""
+    return {IMAGE: load_image, VIDEO: load_video, AUDIO: load_audio}[modality](path)
