@@ -194,20 +194,26 @@ class Sessions:
 # ------------------------------------------------------------------------------ one turn
 def gpu_task(fn):
     """`spaces.GPU` on ZeroGPU (the function then runs in a GPU worker process; arguments and
-    yielded values are pickled, hence plain values and the history passed in and out)."""
+    yielded values are pickled, hence plain values, and the history as `Chat.export_history`
+    data, passed in and out)."""
     return spaces.GPU(duration=120)(fn) if spaces is not None else fn
 
 
 def make_sender(model):
     @gpu_task
-    def send(records: list, system_prompt: str, outputs_dir: str, text: str, media: list[str], kwargs: dict):
-        """Runs `Chat.send` on `records` (the history); yields plain dicts, the history last."""
+    def send(history: dict, system_prompt: str, outputs_dir: str, text: str, media: list[str], kwargs: dict):
+        """Runs `Chat.send` after `history` (`Chat.export_history` data); yields plain dicts:
+        the history once the turn is accepted (so that a stopped turn stays in it) and last."""
         chat = model.new_chat(system_prompt, outputs_dir=outputs_dir)
-        chat.records = records
+        chat.import_history(history)
+        accepted = False
         for ev in chat.send(text, media=media, **kwargs):
+            if not accepted:  # the first event: the input was read and the turn joined the history
+                accepted = True
+                yield {"kind": "history", "history": chat.export_history()}
             yield {"kind": ev.kind, "text": ev.text, "modality": ev.modality, "path": ev.path,
                    "variant": ev.variant, "step": ev.step, "steps": ev.steps}
-        yield {"kind": "history", "records": chat.records}
+        yield {"kind": "history", "history": chat.export_history()}
 
     return send
 
@@ -229,17 +235,18 @@ def run_turn(session: Session, send, text: str, uploads: list[str], options: Opt
         return
     session.busy = True
     chat = session.chat
-    before = len(chat.records)
+    before = len(chat.history)
     # Its own folder per turn: after an undo the chat numbers files from the same count again,
     # and a browser must never be shown an old picture from its cache under a reused name.
     session.started += 1
     outputs = session.folder / "outputs" / f"turn-{session.started:04d}"
-    events = send(chat.records, chat.system_prompt, str(outputs), turn.text, turn.inputs, options.send_kwargs())
+    events = send(chat.export_history(), chat.system_prompt, str(outputs), turn.text, turn.inputs,
+                  options.send_kwargs())
     try:
         for ev in events:
             kind = ev["kind"]
             if kind == "history":
-                chat.records = ev["records"]
+                chat.import_history(ev["history"])
                 continue
             if kind == "text":
                 turn.reply += ev["text"]
@@ -259,7 +266,9 @@ def run_turn(session: Session, send, text: str, uploads: list[str], options: Opt
         turn.error = f"the turn failed ({type(err).__name__}: {err}); the server log has the details"
     finally:
         events.close()  # stops generation here if we left the loop early
-        turn.in_chat = len(chat.records) > before  # Chat.send keeps a turn once its input is accepted
+        turn.in_chat = len(chat.history) > before  # Chat.send keeps a turn once its input is accepted
+        if turn.in_chat and chat.records[-1].assistant is None:  # stopped before Chat.send could close it
+            chat.records[-1].assistant = turn.reply
         session.busy = False
         if session.closed:
             session.remove_files()

@@ -263,8 +263,20 @@ def app():
 
 
 class StubChat:
+    """The public history interface of `xvila.chat.Chat`, over a plain list."""
+
     def __init__(self, outputs_dir):
         self.records, self.system_prompt, self.outputs_dir = [], "", Path(outputs_dir)
+
+    @property
+    def history(self):
+        return [(r.user, r.assistant) for r in self.records]
+
+    def export_history(self):
+        return {"records": [vars(r).copy() for r in self.records]}
+
+    def import_history(self, data):
+        self.records = [SimpleNamespace(**r) for r in data["records"]]
 
     def undo(self):
         self.records.pop()
@@ -281,8 +293,9 @@ def test_stop_ends_the_turn_between_steps_and_keeps_what_was_made(app, tmp_path)
     session = app.Session(STUB_MODEL, tmp_path)
     consumed, closed = [], []
 
-    def send(records, system_prompt, outputs_dir, text, media, kwargs):
-        records.append("the turn")  # as Chat.send does once the input is accepted
+    def send(history, system_prompt, outputs_dir, text, media, kwargs):
+        # As the real sender does once Chat.send accepted the input: the history with the turn.
+        yield {"kind": "history", "history": {"records": history["records"] + [{"user": text, "assistant": None}]}}
         try:
             for i in range(1000):
                 consumed.append(i)

@@ -8,6 +8,7 @@ reply, never from the engine or the chat themselves.
 from __future__ import annotations
 
 import inspect
+import pickle
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from xvila import media as media_io
-from xvila.chat import Chat, ContextOverflowError, OutputError, _Record
+from xvila.chat import Chat, ContextOverflowError, HistoryError, OutputError, Record
 from xvila.checkpoint import build_xvila
 from xvila.config import XVilaConfig
 from xvila.conversation import Turn, render, tokenize
@@ -85,7 +86,7 @@ class Recorder:
         return ids
 
 
-def prompt_ids(model, chat: Chat, records: list[_Record]) -> list[int]:
+def prompt_ids(model, chat: Chat, records: list[Record]) -> list[int]:
     """The prompt for the last of `records`, whose reply is still to come."""
     turns = [Turn(r.user, [i.modality for i in r.inputs], r.assistant) for r in records[:-1]]
     turns.append(Turn(records[-1].user, [i.modality for i in records[-1].inputs]))
@@ -165,7 +166,7 @@ def test_forced_output_ends_with_its_generation_tokens(model, files, modality):
     # A separate cache-free forward over prompt + reply, the image's P_in embedding spliced in.
     image = chat.records[0].inputs[0]
     assert image.modality == "image" and tuple(image.embeds.shape) == (1, hidden_size)
-    prompt = prompt_ids(model, chat, [_Record(user, [image])])
+    prompt = prompt_ids(model, chat, [Record(user, [image])])
     with torch.no_grad():
         assert torch.equal(model.splice(torch.tensor([prompt]), {"image": image.embeds[None]}), rec.embeds[0])
     reply = rec.reply_ids(model)
@@ -225,19 +226,19 @@ def test_three_turns_of_media_stay_in_the_prompt_then_undo_and_reset(model, file
 
     rec = Recorder(chat)
     captured = {}
-    original_prompt = chat._prompt
+    original_prompt = chat.prompt
 
     def prompt(record, sampling):
         captured["ids"], captured["embeds"] = original_prompt(record, sampling)
         return captured["ids"], captured["embeds"]
 
-    chat._prompt = prompt
+    chat.prompt = prompt
     before = list(chat.records)
     list(chat.send("And now?", output="text", temperature=0.0, max_new_tokens=8))
     ids = captured["ids"][0].tolist()
     assert torch.equal(captured["embeds"], rec.embeds[0])
     assert len(ids) <= model.config.max_context
-    assert ids == prompt_ids(model, chat, chat.records[:3] + [_Record("And now?", [])])
+    assert ids == prompt_ids(model, chat, chat.records[:3] + [Record("And now?", [])])
     where = {m: [i for i, t in enumerate(ids) if t == placeholder_id(model, m)] for m in ("image", "audio", "video")}
     assert all(len(w) == 1 for w in where.values())
     assert where["image"][0] < where["audio"][0] < where["video"][0]
@@ -279,14 +280,14 @@ def test_old_turns_are_dropped_whole_and_a_too_long_message_is_refused(small_mod
     chat = m.new_chat()
     budget = MAX_CONTEXT - NEW - 24  # room for the reply and the longest generation run
     captured = []
-    original_prompt = chat._prompt
+    original_prompt = chat.prompt
 
     def prompt(record, sampling):
         ids, embeds = original_prompt(record, sampling)
         captured.append((ids[0].tolist(), embeds[0]))
         return ids, embeds
 
-    chat._prompt = prompt
+    chat.prompt = prompt
     keys = ["image0", "audio0", "video0", "image1", "audio1", "video1", "image0"]
     kept_counts = []
     for turn, key in enumerate(keys):
@@ -342,7 +343,7 @@ def second_turn_prompt(model, files):
     """Embeddings of a second-turn prompt (an image and a reply in the history)."""
     chat = model.new_chat()
     list(chat.send("What is in this photo?", media=[files["image0"]], output="text", temperature=0.0, max_new_tokens=6))
-    return chat._prompt(_Record("Make one like it.", []), Sampling(max_new_tokens=32))[1]
+    return chat.prompt(Record("Make one like it.", []), Sampling(max_new_tokens=32))[1]
 
 
 @pytest.mark.parametrize("output", [None, "image", "video", "audio"])
@@ -413,3 +414,47 @@ def test_a_stream_closed_early_leaves_a_well_formed_history(model):
     assert next(stream).kind == "text"
     stream.close()
     assert all(r.assistant is not None for r in chat.records)
+
+
+# ------------------------------------------------------------------ history as plain data
+def test_history_exports_to_plain_data_and_imports_into_another_chat(model, files, tmp_path):
+    chat = model.new_chat(outputs_dir=tmp_path)
+    list(chat.send("What is in this video?", media=[files["video0"]], output="text", temperature=0.0, max_new_tokens=6))
+    list(chat.send("Make a picture of it.", output="image", compare=True, temperature=0.0, max_new_tokens=6))
+    data = chat.export_history()
+    # Only plain values cross a process boundary: text and bytes, no tensors or objects.
+    assert set(data) == {"json", "safetensors"}
+    assert isinstance(data["json"], str) and isinstance(data["safetensors"], bytes)
+    assert "What is in this video?" in data["json"]
+
+    other = model.new_chat(outputs_dir=tmp_path)
+    other.import_history(pickle.loads(pickle.dumps(data)))
+    assert other.history == chat.history
+    for a, b in zip(chat.records, other.records):
+        assert [(i.modality, i.source) for i in a.inputs] == [(i.modality, i.source) for i in b.inputs]
+        for x, y in zip(a.inputs, b.inputs):
+            assert torch.equal(x.embeds, y.embeds)
+            assert (x.highway is None) == (y.highway is None) and (x.highway is None or torch.equal(x.highway, y.highway))
+        assert [(e.kind, e.modality, e.path, e.variant) for e in a.outputs] == \
+               [(e.kind, e.modality, e.path, e.variant) for e in b.outputs]
+        for e, f in zip(a.outputs, b.outputs):
+            assert torch.equal(e.condition, f.condition) and torch.equal(e.states, f.states)
+    assert [e.variant for e in chat.records[1].outputs] == ["TA", "TA+VEH"]  # the two share one condition
+    # The next prompt is the same from either chat, embeddings included.
+    nxt = Record("And now?", [])
+    ids_a, embeds_a = chat.prompt(nxt, Sampling(max_new_tokens=8))
+    ids_b, embeds_b = other.prompt(nxt, Sampling(max_new_tokens=8))
+    assert torch.equal(ids_a, ids_b) and torch.equal(embeds_a, embeds_b)
+    # The highway source survives too: a video input's E_vis.
+    assert other.records[0].inputs[0].highway is not None
+
+
+@pytest.mark.parametrize("data", [{}, {"json": "{", "safetensors": b""}, {"json": "{\"format\": 99}", "safetensors": b""},
+                                  {"json": "{\"format\": 1, \"turns\": []}", "safetensors": b"not safetensors"}])
+def test_importing_something_else_is_a_history_error_and_keeps_the_history(model, data):
+    chat = model.new_chat()
+    list(chat.send("Hello", output="text", temperature=0.0, max_new_tokens=3))
+    before = chat.history
+    with pytest.raises(HistoryError, match="not a chat history"):
+        chat.import_history(data)
+    assert isinstance(HistoryError("x"), XVilaError) and chat.history == before

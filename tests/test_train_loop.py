@@ -125,11 +125,9 @@ def config(world: Path, tmp: Path, phase: str, manifests, **overrides) -> dict:
 
 def run_phase(cfg: dict, resume: bool = False) -> dict:
     """What `python -m train phaseN` runs, in this process."""
-    import importlib
+    from train.loop import TrainConfig, train
 
-    from train.loop import TrainConfig
-
-    return importlib.import_module("train.phase" + cfg["phase"]).main(TrainConfig(**cfg), resume=resume)
+    return train(TrainConfig(**cfg), resume=resume)
 
 
 def parameters(folder_or_preset) -> dict[str, torch.Tensor]:

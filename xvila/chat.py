@@ -5,19 +5,26 @@
         ev.kind, ev.text, ev.modality, ev.path, ev.condition
 
 Each input is decoded and encoded once, when it is sent; its embeddings stay in the
-history and are spliced into every later prompt. When the conversation would overflow the
+history (`chat.records`, one `Record` per turn) and are spliced into every later prompt.
+`export_history()` turns the history into plain data (JSON for the text, safetensors bytes
+for the embeddings) and `import_history()` reads it back, so that the demo, a test or a
+ZeroGPU worker process passes the history without live tensors or objects. When the conversation would overflow the
 context window, whole turns are dropped from the oldest, so a media input is never cut in
 half; a single turn too long for the window is an error.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from xvila import media as media_io
 from xvila.constants import IMAGE, VIDEO
@@ -36,6 +43,10 @@ class ContextOverflowError(XVilaError, ValueError):
 
 class OutputError(XVilaError, ValueError):
     """An `output=` value the model cannot produce."""
+
+
+class HistoryError(XVilaError, ValueError):
+    """Data given to `import_history` is not a history that `export_history` wrote."""
 
 
 @dataclass
@@ -58,11 +69,62 @@ class Event:
 
 
 @dataclass
-class _Record:
+class Record:
+    """One turn of the history: the user's text and encoded inputs, the reply, its media."""
+
     user: str
     inputs: list[MediaInput]
     assistant: str | None = None  # the reply as the model wrote it, generation tokens included
     outputs: list[Event] = field(default_factory=list)
+
+
+HISTORY_FORMAT = 1
+_EVENT_TENSORS = ("condition", "states")
+
+
+def export_records(records: list[Record]) -> dict:
+    """`{"json": str, "safetensors": bytes}`: the text of every turn as JSON, with the tensors
+    (input embeddings, E_vis, output conditions and S_gen) named in it and stored apart."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, t: torch.Tensor | None) -> str | None:
+        if t is None:
+            return None
+        tensors[name] = t.detach().cpu().clone()  # a copy: compare mode's events share one condition
+        return name
+
+    turns = []
+    for r, record in enumerate(records):
+        inputs = [{"modality": i.modality, "source": i.source, "embeds": keep(f"{r}.in{n}.embeds", i.embeds),
+                   "highway": keep(f"{r}.in{n}.highway", i.highway)} for n, i in enumerate(record.inputs)]
+        outputs = [{"kind": e.kind, "modality": e.modality, "path": e.path, "variant": e.variant,
+                    **{k: keep(f"{r}.out{n}.{k}", getattr(e, k)) for k in _EVENT_TENSORS}}
+                   for n, e in enumerate(record.outputs)]
+        turns.append({"user": record.user, "assistant": record.assistant, "inputs": inputs, "outputs": outputs})
+    text = json.dumps({"format": HISTORY_FORMAT, "turns": turns})
+    return {"json": text, "safetensors": save_tensors(tensors) if tensors else b""}
+
+
+def import_records(data: dict, device: torch.device | str = "cpu") -> list[Record]:
+    """The records `export_records` described, with their tensors on `device`."""
+    try:
+        doc = json.loads(data["json"])
+        tensors = load_tensors(data["safetensors"]) if data["safetensors"] else {}
+        if doc.get("format") != HISTORY_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {HISTORY_FORMAT}")
+
+        def get(name: str | None) -> torch.Tensor | None:
+            return None if name is None else tensors[name].to(device)
+
+        return [Record(
+            t["user"],
+            [MediaInput(i["modality"], get(i["embeds"]), get(i["highway"]), i["source"]) for i in t["inputs"]],
+            t["assistant"],
+            [Event(e["kind"], modality=e["modality"], path=e["path"], variant=e["variant"],
+                   **{k: get(e[k]) for k in _EVENT_TENSORS}) for e in t["outputs"]],
+        ) for t in doc["turns"]]
+    except (KeyError, TypeError, ValueError, SafetensorError) as err:  # ValueError covers bad JSON
+        raise HistoryError(f"not a chat history written by export_history: {type(err).__name__}: {err}") from err
 
 
 class Chat:
@@ -71,7 +133,7 @@ class Chat:
         self.model = model
         self.system_prompt = system_prompt if system_prompt is not None else model.config.system_prompt
         self.engine = engine or Engine(model)
-        self.records: list[_Record] = []
+        self.records: list[Record] = []
         self._outputs_dir = Path(outputs_dir) if outputs_dir else None
 
     @property
@@ -94,6 +156,14 @@ class Chat:
     @property
     def history(self) -> list[tuple[str, str | None]]:
         return [(r.user, r.assistant) for r in self.records]
+
+    def export_history(self) -> dict:
+        """The history as plain data: `{"json": str, "safetensors": bytes}` (see `export_records`)."""
+        return export_records(self.records)
+
+    def import_history(self, data: dict) -> None:
+        """Replace the history with one `export_history` wrote (this chat's or another's)."""
+        self.records = import_records(data, self.model.device)
 
     # ------------------------------------------------------------------ one turn
     def send(self, text: str, media: list[str] | tuple[str, ...] = (), output: str | None = None,
@@ -122,9 +192,9 @@ class Chat:
             raise OutputError(f"alpha must be between 0 and 1, not {alpha}")
         decode = replace(decode or DecodeSettings(), seed=seed, alpha=alpha if highway else 0.0)
         inputs = [self.model.encode_media(p, media_io.media_kind(p)) for p in media]
-        record = _Record(text, inputs)
+        record = Record(text, inputs)
         sampling = Sampling(max_new_tokens, temperature, top_p)
-        ids, embeds = self._prompt(record, sampling)
+        ids, embeds = self.prompt(record, sampling)
         self.records.append(record)
         reply: list[int] = []
         shown = ""
@@ -155,7 +225,7 @@ class Chat:
                     return i
         return None
 
-    def _media(self, record: _Record, step, s: DecodeSettings, decoding: str, compare: bool, caption: str,
+    def _media(self, record: Record, step, s: DecodeSettings, decoding: str, compare: bool, caption: str,
                should_stop) -> Iterator[Event]:
         """One generation-token run -> media events (with files when there is a decoder)."""
         m = step.modality
@@ -178,14 +248,11 @@ class Chat:
                 with torch.no_grad():
                     condition = decoder.encode_text([caption])[0]
             for variant, e_vis in variants:
-                steps = iter_denoise(decoder, condition, s, e_vis, should_stop)
-                while True:
-                    try:
-                        done = next(steps)
-                    except StopIteration as end:
-                        latents = end.value
-                        break
-                    yield Event("progress", modality=m, variant=variant, step=done, steps=s.steps)
+                for denoised in iter_denoise(decoder, condition, s, e_vis, should_stop):
+                    if denoised.kind == "progress":
+                        yield Event("progress", modality=m, variant=variant, step=denoised.step, steps=denoised.steps)
+                    else:
+                        latents = denoised.latents
                 with torch.no_grad():
                     media = decoder.decode_latents(latents, s)
                 name = f"{len(self.records):03d}-{m}-{variant.replace('+', '-').lower()}{decoder.file_suffix}"
@@ -195,7 +262,7 @@ class Chat:
                 record.outputs.append(event)
                 yield event
 
-    def _prompt(self, record: _Record, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt(self, record: Record, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and embeddings of the conversation so far plus `record`, oldest turns
         dropped until it fits with room for the reply."""
         model = self.model

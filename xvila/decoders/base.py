@@ -57,6 +57,17 @@ class DecodeSettings:
 ProgressFn = Callable[[int, int], None]
 
 
+@dataclass
+class DenoiseEvent:
+    """What `iter_denoise` yields: `kind` "progress" after each step (`step` of `steps`
+    done), then once "latents" with the final `latents` [1, *latent_shape]."""
+
+    kind: str
+    step: int = 0
+    steps: int = 0
+    latents: torch.Tensor | None = None
+
+
 class Decoder(nn.Module):
     """Base class: subclasses set `modality`, `unet`, `scheduler` and implement the hooks."""
 
@@ -155,9 +166,9 @@ def use_highway(t, num_train_timesteps: int, alpha: float) -> bool:
 @torch.no_grad()  # torch applies it around each resumption of the generator
 def iter_denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
                  should_stop: Callable[[], bool] | None = None):
-    """The shared denoising loop for one sample, as a generator: yields the number of steps
-    done after each step, and returns the final latents [1, *latent_shape] (StopIteration's
-    value), so that a chat can stream progress without threads."""
+    """The shared denoising loop for one sample, as a generator of `DenoiseEvent`s: progress
+    after each step, then the final latents, so that a chat can stream progress without
+    threads."""
     device, dtype = decoder.device, decoder.dtype
     # A scheduler keeps per-run state (timesteps, solver history): each run gets its own,
     # so that two requests on one decoder cannot corrupt each other.
@@ -196,22 +207,20 @@ def iter_denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vi
             uncond, text = noise.chunk(2)
             noise = uncond + s.guidance * (text - uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        yield i + 1
-    return latents
+        yield DenoiseEvent("progress", step=i + 1, steps=s.steps)
+    yield DenoiseEvent("latents", step=s.steps, steps=s.steps, latents=latents)
 
 
 @torch.no_grad()
 def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: torch.Tensor | None = None,
             progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """`iter_denoise` run to the end, with an optional (step, steps) progress callback."""
-    steps = iter_denoise(decoder, e_text, s, e_vis, should_stop)
-    while True:
-        try:
-            done = next(steps)
-        except StopIteration as end:
-            return end.value
+    for event in iter_denoise(decoder, e_text, s, e_vis, should_stop):
+        if event.kind == "latents":
+            return event.latents
         if progress is not None:
-            progress(done, s.steps)
+            progress(event.step, event.steps)
+    raise AssertionError("iter_denoise ended without its latents")  # unreachable: it always yields them last
 
 
 def generate(decoder: Decoder, e_text: torch.Tensor, path: Path, s: DecodeSettings, e_vis: torch.Tensor | None = None,
