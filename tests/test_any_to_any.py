@@ -8,6 +8,7 @@ from PIL import Image
 
 from xvila import XVila
 from xvila import media as media_io
+from xvila.chat import OutputError
 from xvila.decoders.base import DecodeSettings
 
 FAST = DecodeSettings(steps=2, frames=4, seconds=0.5)
@@ -130,6 +131,24 @@ def test_a_loaded_checkpoint_saves_again_with_its_own_parts(model, tmp_path):
     again = XVila.from_pretrained(tmp_path / "second")
     theirs = dict(loaded.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in again.named_parameters())
+
+
+def test_decoding_accepts_the_variant_labels_and_the_old_values(model, files, tmp_path):
+    def variant(**kwargs):
+        chat = model.new_chat(outputs_dir=tmp_path)
+        (ev,) = media_events(chat.send("An image like this", media=[files["image"]], output="image", decode=FAST,
+                                       seed=2, max_new_tokens=6, temperature=0.0, **kwargs))
+        return ev
+
+    assert variant(decoding="TA").variant == "TA"  # the label turns the highway off
+    assert variant(decoding="TA+VEH").variant == "TA+VEH" and variant(decoding="TA+VEH", highway=False).variant == "TA"
+    assert variant(decoding="embed").variant == "TA+VEH" and variant(decoding="embed", highway=False).variant == "TA"
+    a, b = variant(decoding="text-aligned"), variant(decoding="text")
+    assert a.variant == b.variant == "text-aligned" and torch.equal(a.condition, b.condition)
+    chat = model.new_chat(outputs_dir=tmp_path)
+    with pytest.raises(OutputError, match="'TA', 'TA\\+VEH', 'text-aligned'"):
+        next(chat.send("An image", output="image", decoding="veh"))
+    assert chat.history == []
 
 
 def test_half_precision_parts_with_float32_projections(files, tmp_path, monkeypatch):

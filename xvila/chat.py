@@ -27,14 +27,18 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from xvila import media as media_io
-from xvila.constants import IMAGE, VIDEO
+from xvila.constants import TA, TA_VEH, TEXT_ALIGNED, VISUAL
 from xvila.conversation import Turn, render, tokenize
 from xvila.decoders.base import DecodeSettings, iter_denoise
 from xvila.engine import Engine, Sampling
 from xvila.errors import XVilaError
 from xvila.model import MediaInput
 
-VISUAL_DECODERS = (IMAGE, VIDEO)  # the decoders with a visual controller
+# `decoding=` values: the variant labels, and the older "embed" / "text" (kept working).
+# Each maps to (what conditions the decoder, the highway: forced off, or None: as `highway=`
+# says; TA+VEH falls back to TA without a visual input, with the highway off or alpha 0).
+DECODING = {TA: ("embed", False), TA_VEH: ("embed", None), TEXT_ALIGNED: ("text", None),
+            "embed": ("embed", None), "text": ("text", None)}
 
 
 class ContextOverflowError(XVilaError, ValueError):
@@ -169,24 +173,28 @@ class Chat:
     def send(self, text: str, media: list[str] | tuple[str, ...] = (), output: str | None = None,
              highway: bool = True, alpha: float | None = None, seed: int = 0,
              max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-             decode: DecodeSettings | None = None, decoding: str = "embed", compare: bool = False,
+             decode: DecodeSettings | None = None, decoding: str = TA_VEH, compare: bool = False,
              should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Streams the reply to `text` (+ `media` files) as events; the turn joins the history.
 
         Bad input (unreadable media, placeholders that do not match, an unknown `output`)
         raises a typed error before anything is generated and leaves the history as it was.
 
-        Media: `decoding="embed"` conditions the decoder on P_out(S_gen) (TA), plus the
-        visual embedding highway when `highway` is on, the conversation has a visual input
-        and the decoder is visual (TA+VEH, rate `alpha`, default from the config);
-        `decoding="text"` is Text-Aligned decoding: the reply's text, read by the decoder's
-        own text encoder. `compare=True` renders TA and TA+VEH from the same seed.
+        Media: `decoding="TA+VEH"` (the default) conditions the decoder on P_out(S_gen)
+        (TA), plus the visual embedding highway when `highway` is on, the conversation has a
+        visual input and the decoder is visual (TA+VEH, rate `alpha`, default from the
+        config), else TA; `decoding="TA"` turns the highway off; `decoding="text-aligned"` is
+        Text-Aligned decoding: the reply's text, read by the decoder's own text encoder.
+        The older values `"embed"` (= "TA+VEH") and `"text"` (= "text-aligned") still work.
+        `compare=True` renders TA and TA+VEH from the same seed.
         `decode` holds the decoders' settings (steps, guidance, size, frames, seconds).
         """
         if output not in (None, "text", *self.model.gen_ids):
             raise OutputError(f"output must be None, 'text', 'image', 'video' or 'audio', not {output!r}")
-        if decoding not in ("embed", "text"):
-            raise OutputError(f"decoding must be 'embed' or 'text', not {decoding!r}")
+        if decoding not in DECODING:
+            raise OutputError(f"decoding must be one of {', '.join(map(repr, DECODING))}, not {decoding!r}")
+        decoding, forced = DECODING[decoding]
+        highway = highway if forced is None else forced
         alpha = self.model.config.highway_alpha if alpha is None else alpha
         if not 0.0 <= alpha <= 1.0:
             raise OutputError(f"alpha must be between 0 and 1, not {alpha}")
@@ -232,17 +240,17 @@ class Chat:
         with torch.no_grad():
             condition = self.model.p_out[m](step.states[None].to(self.model.device))[0]
         if m not in self.model.decoders:
-            event = Event("media", modality=m, condition=condition, states=step.states, variant="TA")
+            event = Event("media", modality=m, condition=condition, states=step.states, variant=TA)
             record.outputs.append(event)
             yield event
             return
-        visual = self._visual_input() if m in VISUAL_DECODERS else None
+        visual = self._visual_input() if m in VISUAL else None
         if decoding == "text":
-            variants = [("text-aligned", None)]
+            variants = [(TEXT_ALIGNED, None)]
         elif compare and visual is not None:
-            variants = [("TA", None), ("TA+VEH", visual.highway)]
+            variants = [(TA, None), (TA_VEH, visual.highway)]
         else:
-            variants = [("TA+VEH", visual.highway) if visual is not None and s.alpha > 0 else ("TA", None)]
+            variants = [(TA_VEH, visual.highway) if visual is not None and s.alpha > 0 else (TA, None)]
         with self.model.decoder_ready(m) as decoder:
             if decoding == "text":
                 with torch.no_grad():
