@@ -103,7 +103,7 @@ class Medium:
 
 
 @dataclass
-class Turn:
+class ShownTurn:
     """One exchange as the page shows it."""
 
     text: str
@@ -125,7 +125,7 @@ class Session:
         self.folder = root / secrets.token_hex(16)  # unguessable: its files' URLs are capabilities
         (self.folder / "inputs").mkdir(parents=True)
         self.chat = model.new_chat(outputs_dir=self.folder / "outputs")
-        self.turns: list[Turn] = []
+        self.turns: list[ShownTurn] = []
         self.started = 0  # turns started: each writes to a folder of its own, never reused
         self.stop = threading.Event()
         self.busy = False
@@ -218,14 +218,14 @@ def make_sender(model):
     return send
 
 
-def run_turn(session: Session, send, text: str, uploads: list[str], options: Options) -> Iterator[Turn]:
-    """Streams one turn as snapshots of its `Turn`: after each token, denoising step and medium.
+def run_turn(session: Session, send, text: str, uploads: list[str], options: Options) -> Iterator[ShownTurn]:
+    """Streams one turn as snapshots of its `ShownTurn`: after each token, denoising step and medium.
 
     Bad input ends the turn with `error` set and leaves the model's history as it was; the
     stop flag ends it between two tokens or two denoising steps (closing `Chat.send`'s
     generator there), keeping what was generated so far."""
     session.stop.clear()
-    turn = Turn(text=text or "", options=options)
+    turn = ShownTurn(text=text or "", options=options)
     session.turns.append(turn)
     turn.inputs = [session.keep(u) for u in uploads]
     if not turn.text.strip() and not turn.inputs:
@@ -287,7 +287,7 @@ def _caption(m: Medium, o: Options, done: bool) -> str:
     return f"*{m.modality} · {how} · seed {int(o.seed)}*"
 
 
-def _media_content(turn: Turn) -> list:
+def _media_content(turn: ShownTurn) -> list:
     """Generated media: a TA / TA+VEH pair side by side in a labelled gallery, others inline."""
     out, media, i = [], turn.media, 0
     while i < len(media):
@@ -306,7 +306,7 @@ def _media_content(turn: Turn) -> list:
     return out
 
 
-def to_messages(turns: list[Turn]) -> list[dict]:
+def to_messages(turns: list[ShownTurn]) -> list[dict]:
     messages = []
     for turn in turns:
         user = ([turn.text] if turn.text.strip() else []) + [{"path": p} for p in turn.inputs]
@@ -382,7 +382,7 @@ class Handlers:
         return to_messages(session.turns), {"text": last.text, "files": last.inputs}  # back in the box
 
     @staticmethod
-    def _pop(session: Session) -> Turn:
+    def _pop(session: Session) -> ShownTurn:
         last = session.turns.pop()
         if last.in_chat:
             session.chat.undo()

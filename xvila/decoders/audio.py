@@ -33,15 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from tokenizers import pre_tokenizers
 from transformers import (
     ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig,
 )
 
+from xvila.constants import AUDIO
+from xvila.decoders import tiny
 from xvila.decoders.base import (
     DecodeSettings, DecodeSettingsError, Decoder, diffusers_loader, dpm_solver_loader, transformers_loader,
 )
-from xvila.decoders.image import TOY_WORDS
 from xvila.fileio import default_device, default_dtype, load_parts, own_memory
 from xvila.media import write_wav
 
@@ -138,65 +138,20 @@ class AudioDecoder(Decoder):
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "AudioDecoder":
-        """AudioLDM's layout at toy sizes: 8 mel bins, a 64-sample hop at 16 kHz (250 frames
-        a second), a VAE that downsamples by 2, a 2-block U-Net conditioned on a `cond_dim`
-        CLAP embedding, a 1-layer CLAP text encoder. Seeded; well under a second for a
-        whole short decode on a CPU."""
-        tokenizer = toy_roberta_tokenizer(TOY_WORDS)
+        """AudioLDM's layout at toy sizes (`xvila.decoders.tiny`): 8 mel bins, a 64-sample
+        hop at 16 kHz, a VAE that downsamples by 2, a 2-block U-Net conditioned on a
+        `cond_dim` CLAP embedding, a 1-layer CLAP text encoder. Seeded; well under a second
+        for a whole short decode on a CPU."""
+        tokenizer = tiny.toy_roberta_tokenizer(tiny.TOY_WORDS[AUDIO])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(
-                sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # AudioLDM's order: attention last
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=(8, 16),  # as AudioLDM: the block's own width (self-attention)
-                attention_head_dim=4, norm_num_groups=4,
-                class_embed_type="simple_projection", projection_class_embeddings_input_dim=cond_dim,
-                class_embeddings_concat=True,
-            )
-            vae = AutoencoderKL(
-                in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                norm_num_groups=4, sample_size=32,
-            )
+            unet = UNet2DConditionModel(**tiny.AUDIO_UNET, projection_class_embeddings_input_dim=cond_dim)
+            vae = AutoencoderKL(**tiny.AUDIO_VAE)
             text_encoder = ClapTextModelWithProjection(ClapTextConfig(
-                vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length + 2, type_vocab_size=1,
+                **tiny.CLAP_TEXT, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length + 2,
                 projection_dim=cond_dim, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             ))
-            vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
-                model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[4, 4, 4],
-                upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-                normalize_before=False,
-                # The default init (0.01) gives a ~1e-8 waveform: silence once written as 16-bit
-                # PCM, so outputs could not be told apart. 0.2 gives noise at about -30 dBFS.
-                initializer_range=0.2,
-            ))
-        scheduler = DPMSolverMultistepScheduler(  # AudioLDM's betas
-            num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
-            steps_offset=1, algorithm_type="dpmsolver++",
-        )
+            vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**tiny.VOCODER))
+        scheduler = DPMSolverMultistepScheduler(**tiny.SCHEDULERS[AUDIO])
         return cls(unet, vae, scheduler, text_encoder, tokenizer, vocoder)
-
-
-def toy_roberta_tokenizer(words: list[str], model_max_length: int = 77) -> RobertaTokenizer:
-    """A RoBERTa-style byte-level BPE over a few ASCII words, for tiny random models: the
-    special tokens at RoBERTa's ids (<s>=0, <pad>=1, </s>=2, <unk>=3), every byte, merges
-    that build each word left to right, alone and after a space ("Ġword"), <mask> last."""
-    vocab = ["<s>", "<pad>", "</s>", "<unk>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        merged = word[0]
-        for ch in word[1:]:
-            merges.append((merged, ch))
-            merged += ch
-            vocab.append(merged)
-        merges.append(("Ġ", word))
-        vocab.append("Ġ" + word)
-    vocab.append("<mask>")
-    vocab = list(dict.fromkeys(vocab))
-    merges = list(dict.fromkeys(merges))
-    tokenizer = RobertaTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges)
-    tokenizer.model_max_length = model_max_length
-    return tokenizer

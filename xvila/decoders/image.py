@@ -26,6 +26,8 @@ from PIL import Image
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from xvila.constants import IMAGE
+from xvila.decoders import tiny
 from xvila.decoders.base import (
     DecodeSettings, Decoder, diffusers_loader, dpm_solver_loader, resize_center_crop, transformers_loader,
 )
@@ -34,9 +36,6 @@ from xvila.fileio import default_device, default_dtype, load_parts, own_memory
 from xvila.media import read_image, write_png
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# Words the tiny random decoders' toy tokenizers know (anything else falls back to bytes).
-TOY_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "bird", "car", "photo", "picture",
-             "video", "sound", "music", "piano", "guitar", "barking", "playing", "running", "red", "blue", "green"]
 
 
 class ImageDecoder(Decoder):
@@ -131,32 +130,18 @@ class ImageDecoder(Decoder):
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "ImageDecoder":
-        """SD1.5's layout at toy sizes: 32x32 images, 4x4x4 latents (the VAE still
-        downsamples by 8), a 2-block U-Net, a 1-layer CLIP text encoder of width `cond_dim`.
-        Seeded; a few milliseconds per step on a CPU."""
-        tokenizer = toy_clip_tokenizer(TOY_WORDS)
+        """SD1.5's layout at toy sizes (`xvila.decoders.tiny`): 32x32 images, 4x4x4 latents,
+        a 2-block U-Net, a 1-layer CLIP text encoder of width `cond_dim`. Seeded; a few
+        milliseconds per step on a CPU."""
+        tokenizer = toy_clip_tokenizer(tiny.TOY_WORDS[IMAGE])
         tokenizer.model_max_length = 77
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(
-                sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # SD's order: attention first
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=cond_dim, attention_head_dim=4, norm_num_groups=4,
-            )
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=4, sample_size=32,
-            )
+            unet = UNet2DConditionModel(**tiny.IMAGE_UNET, cross_attention_dim=cond_dim)
+            vae = AutoencoderKL(**tiny.IMAGE_VAE)
             text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim, num_hidden_layers=1,
-                num_attention_heads=4, max_position_embeddings=77, projection_dim=cond_dim,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                **tiny.CLIP_TEXT, vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim,
+                projection_dim=cond_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             ))
-        scheduler = DPMSolverMultistepScheduler(  # SD1.5's betas
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            steps_offset=1, algorithm_type="dpmsolver++",
-        )
-        return cls(unet, vae, scheduler, text_encoder, tokenizer)
+        return cls(unet, vae, DPMSolverMultistepScheduler(**tiny.SCHEDULERS[IMAGE]), text_encoder, tokenizer)

@@ -48,6 +48,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from xvila.constants import VIDEO
+from xvila.decoders import tiny
 from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder, resize_center_crop
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.errors import ConfigError, WeightsUnavailableError
@@ -74,9 +75,6 @@ VIDEOCRAFTER2_UNET_CONFIG = dict(
     num_attention_heads=None, fps_cond=True,
 )
 
-# Words the tiny random decoder's toy tokenizer knows (anything else falls back to bytes).
-TOY_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "bird", "car", "video", "running",
-             "playing", "walking", "red", "blue", "green", "beach", "street", "sky"]
 
 
 # ----------------------------------------------------------------------------- the U-Net
@@ -425,39 +423,26 @@ class VideoDecoder(Decoder):
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32, variant: str = "videocrafter2") -> "VideoDecoder":
-        """The real layout at toy sizes: 16x16-pixel frames, 4x8x8 latents per frame (a
-        2-block VAE that downsamples by 2), a 2-block 3D U-Net of widths 8/16 (with the fps
-        embedding for VideoCrafter2), a 1-layer CLIP text encoder of width `cond_dim`.
-        Seeded; a few milliseconds per step on a CPU for 2-4 frames."""
+        """The real layout at toy sizes (`xvila.decoders.tiny`): 16x16-pixel frames, 4x8x8
+        latents per frame, a 2-block 3D U-Net of widths 8/16 (with the fps embedding for
+        VideoCrafter2), a 1-layer CLIP text encoder of width `cond_dim`. Seeded; a few
+        milliseconds per step on a CPU for 2-4 frames."""
         if variant not in VARIANTS:
             raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
-        tokenizer = toy_clip_tokenizer(TOY_WORDS)
+        tokenizer = toy_clip_tokenizer(tiny.TOY_WORDS[VIDEO])
         tokenizer.model_max_length = 77
-        unet_config = dict(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            cross_attention_dim=cond_dim, attention_head_dim=4, norm_num_groups=4,
-        )
+        unet_config = dict(tiny.VIDEO_UNET, cross_attention_dim=cond_dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if variant == "videocrafter2":
                 unet = UNet3DVideoCrafterConditionModel(**unet_config, fps_cond=True)
             else:
                 unet = UNet3DConditionModel(**unet_config)
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                norm_num_groups=4, sample_size=16,
-            )
+            vae = AutoencoderKL(**tiny.VIDEO_VAE)
             text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim, num_hidden_layers=1,
-                num_attention_heads=4, max_position_embeddings=77, projection_dim=cond_dim, hidden_act="gelu",
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                **tiny.CLIP_TEXT, vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim,
+                projection_dim=cond_dim, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             ))
-        scheduler = DPMSolverMultistepScheduler(  # zeroscope's (= VideoCrafter2's) betas
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            steps_offset=1, algorithm_type="dpmsolver++",
-        )
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, variant=variant, size=(16, 16))
+        scheduler = DPMSolverMultistepScheduler(**tiny.SCHEDULERS[VIDEO])
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, variant=variant, size=tiny.VIDEO_SIZE)
