@@ -37,7 +37,7 @@ def load(preset: str, device: torch.device) -> XVila:
     if preset != "random-7b":
         return XVila.from_pretrained(preset, device=device)
     config = XVilaConfig.from_name("xvila-7b").replace(
-        name="random-7b", llm=None, llm_revision=None, llm_config=VICUNA_7B, imagebind=None, clip_tokenizer=None,
+        name="random-7b", llm=None, llm_revision=None, llm_config=VICUNA_7B, imagebind=None,
     )
     dtype = getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
     default = torch.get_default_dtype()

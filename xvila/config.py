@@ -40,7 +40,6 @@ class XVilaConfig:
     # --- encoders ------------------------------------------------------------------------
     imagebind: str | None = "nielsr/imagebind-huge"
     imagebind_config: str | dict = "imagebind-huge"  # an ImageBindConfig preset or kwargs
-    clip_tokenizer: str | None = "openai/clip-vit-large-patch14"
     # k: LLM input embeddings per media input. k = 1 projects the pooled ImageBind embedding
     # (NExT-GPT style); k > 1 pools the trunk's token grid to k tokens.
     tokens_per_input: dict[str, int] = field(default_factory=lambda: {IMAGE: 1, VIDEO: 1, AUDIO: 1})
@@ -92,6 +91,9 @@ class XVilaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "XVilaConfig":
         known = {f.name for f in fields(cls)}
+        # Keys older checkpoints wrote and nothing reads any more (clip_tokenizer: ImageBind's
+        # text branch is not on X-VILA's data path).
+        d = {k: v for k, v in d.items() if k not in ("clip_tokenizer",)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown X-VILA config keys {sorted(unknown)}")
@@ -126,7 +128,6 @@ PRESETS: dict[str, dict] = {
         max_context=1024,
         imagebind=None,
         imagebind_config="tiny",
-        clip_tokenizer=None,
         cond_shapes={IMAGE: [77, 32], VIDEO: [77, 32], AUDIO: [1, 32]},
         p_out_dim=32,
         p_out_layers=1,

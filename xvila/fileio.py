@@ -17,6 +17,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -147,34 +148,101 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, as
 
 # ---------------------------------------------------------------------------- multi-part folders
 # Parts in a diffusers layout (a subfolder per part), loaded each with its own library.
-def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str) -> dict:
-    """`{name: loader(source, subfolder=name)}` for each part of a diffusers-layout repo or
-    folder, with every library error turned into a `WeightsUnavailableError` that names the
-    repo and the part. transformers only warns about weights missing from a checkpoint
-    (diffusers refuses them itself); here that is an error, as everywhere in this package."""
+@dataclass(frozen=True)
+class Location:
+    """Where one part of a multi-part model lives: a Hub repo id or local folder, a
+    subfolder, a revision, and the file that marks it (for the offline check)."""
+
+    source: str
+    subfolder: str | None
+    revision: str | None = None
+    config_name: str = "config.json"
+
+    @classmethod
+    def part(cls, source: str, name: str, revision: str | None = None) -> "Location":
+        """Part `name` in its subfolder of a diffusers-layout repo or folder."""
+        return cls(source, name, revision, CONFIG_FILES.get(name, "config.json"))
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.source).is_dir()
+
+    def kwargs(self) -> dict:
+        kw: dict = {"subfolder": self.subfolder} if self.subfolder else {}
+        if self.revision and not self.is_local:
+            kw["revision"] = self.revision
+        return kw
+
+    def __str__(self) -> str:
+        at = f"{self.source}/{self.subfolder}" if self.subfolder else self.source
+        return f"{at}@{self.revision}" if self.revision and not self.is_local else at
+
+
+# The file each kind of part keeps its config in (the rest: config.json).
+CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+
+
+def load_parts(source: str | os.PathLike, loaders: dict[str, Callable], what: str,
+               layout: dict[str, Location] | None = None, unexpected: bool = False) -> dict:
+    """`{name: loader(where.source, **where.kwargs())}` for each part, where `layout[name]`
+    says where it lives (default: subfolder `name` of `source`, a diffusers-layout repo or
+    folder). Every library error becomes a `WeightsUnavailableError` that names the repo and
+    the part; offline, every repo missing from the local cache is named at once, before
+    anything loads. A loader may return (part, loading info) (`output_loading_info=True`):
+    transformers and diffusers only warn about weights missing from a checkpoint; here a
+    missing parameter is an error, and so, with `unexpected`, is a weight the model has no
+    place for (position-id buffers excepted: old CLIP checkpoints carry them)."""
     path = Path(source).expanduser()
     source = str(path) if path.is_dir() else str(source)
     if not path.is_dir() and not is_hub_id(source):
         raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
+    layout = layout or {name: Location.part(source, name) for name in loaders}
+    _check_offline(layout, what)
     parts = {}
     for name, loader in loaders.items():
+        where = layout[name]
         try:
-            part = loader(source, subfolder=name)
+            part = loader(where.source, **where.kwargs())
         except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
             reason = str(err).rstrip(".")
             raise WeightsUnavailableError(
-                f"{what}: could not load its {name} from {source}: {reason}. {_hint(source)}"
+                f"{what}: could not load its {name} from {where}: {reason}. {_hint(where.source)}"
             ) from err
-        if isinstance(part, tuple):  # transformers' (model, loading info)
+        if isinstance(part, tuple):  # (model, loading info)
             part, info = part
-            # Only missing parameters count: buffers such as CLAP's position and token-type
-            # ids are constants the model rebuilds, and older checkpoints (AudioLDM's, from
-            # before transformers made them persistent) do not hold them.
-            missing = sorted(set(info.get("missing_keys", ())) & {n for n, _ in part.named_parameters()})
-            if missing:
-                raise WeightsUnavailableError(f"{what}: the {name} in {source} lacks {missing[:8]}")
+            _check_loading_info(part, info, f"{what}: the {name} weights in {where}", unexpected)
         parts[name] = part
     return parts
+
+
+def _check_loading_info(part: nn.Module, info: dict, what: str, unexpected: bool) -> None:
+    # Only missing parameters count: buffers such as CLAP's position and token-type ids are
+    # constants the model rebuilds, and older checkpoints (AudioLDM's, from before
+    # transformers made them persistent) do not hold them.
+    params = {n for n, _ in part.named_parameters()}
+    found = {
+        "missing": [k for k in info.get("missing_keys") or [] if k in params],
+        "unexpected": [k for k in info.get("unexpected_keys") or [] if not k.endswith("position_ids")]
+        if unexpected else [],
+        "mismatched": [str(k) for k in info.get("mismatched_keys") or []],
+    }
+    problems = [f"{kind} {show_keys(keys)}" for kind, keys in found.items() if keys]
+    if problems:
+        raise WeightsUnavailableError(f"{what} do not match the model: {'; '.join(problems)}")
+
+
+def _check_offline(layout: dict[str, Location], what: str) -> None:
+    """With HF_HUB_OFFLINE set, name every Hub repo of `layout` missing from the local cache."""
+    wanted = {(w.source, f"{w.subfolder}/{w.config_name}" if w.subfolder else w.config_name, w.revision): name
+              for name, w in layout.items() if not w.is_local}
+    missing: dict[str, list[str]] = {}
+    for repo, file, revision in missing_from_cache(list(wanted)):
+        missing.setdefault(repo + (f"@{revision}" if revision else ""), []).append(wanted[repo, file, revision])
+    if missing:
+        repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
+        raise WeightsUnavailableError(
+            f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
+            "once with network (`hf download REPO [--revision REV]`), or pass a local folder.")
 
 
 def _hint(source: str) -> str:

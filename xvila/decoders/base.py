@@ -225,7 +225,9 @@ def denoise(decoder: Decoder, e_text: torch.Tensor, s: DecodeSettings, e_vis: to
 
 def generate(decoder: Decoder, e_text: torch.Tensor, path: Path, s: DecodeSettings, e_vis: torch.Tensor | None = None,
              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
-    """E_text (+ E_vis) -> a written file."""
+    """E_text (+ E_vis) -> a written file, in one call. The chat streams `iter_denoise`
+    instead; this is the form for scripts, benches and the decoder tests, which exercise a
+    decoder alone, without a model around it."""
     latents = denoise(decoder, e_text, s, e_vis, progress, should_stop)
     with torch.no_grad():
         media = decoder.decode_latents(latents, s)
@@ -258,15 +260,18 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
 # ------------------------------------------------------------------ loading parts
 # `xvila.fileio.load_parts` calls one of these per subfolder: the library's own loader.
 def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype,
-                                                         output_loading_info=True)
+    return lambda source, **where: cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **where)
 
 
-def diffusers_loader(cls, dtype: torch.dtype | None) -> Callable:
-    return lambda source, subfolder: cls.from_pretrained(source, subfolder=subfolder, dtype=dtype)
+def diffusers_loader(cls, dtype: torch.dtype | None, loading_info: bool = False) -> Callable:
+    """`loading_info`: return diffusers' loading info too, so that `load_parts` checks it
+    (diffusers refuses missing weights itself, but only warns about unexpected ones)."""
+    if loading_info:
+        return lambda source, **where: cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **where)
+    return lambda source, **where: cls.from_pretrained(source, dtype=dtype, **where)
 
 
-def dpm_solver_loader(source, subfolder):
-    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM) keeps its betas,
-    # timestep count and prediction type; DPM-Solver++ takes what it knows of it.
-    return DPMSolverMultistepScheduler.from_pretrained(source, subfolder=subfolder, algorithm_type="dpmsolver++")
+def dpm_solver_loader(source, **where):
+    # Any scheduler config of the repo (PNDM for SD1.5, DDIM for AudioLDM and zeroscope)
+    # keeps its betas, timestep count and prediction type; DPM-Solver++ takes what it knows of it.
+    return DPMSolverMultistepScheduler.from_pretrained(source, algorithm_type="dpmsolver++", **where)

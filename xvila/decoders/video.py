@@ -33,26 +33,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import torch
 from PIL import Image
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet3DConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from xvila.constants import VIDEO
 from xvila.decoders import tiny
-from xvila.decoders.base import DecodeSettings, DecodeSettingsError, Decoder, resize_center_crop
+from xvila.decoders.base import (
+    DecodeSettings, DecodeSettingsError, Decoder, diffusers_loader, dpm_solver_loader, resize_center_crop,
+    transformers_loader,
+)
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.errors import ConfigError, WeightsUnavailableError
-from xvila.fileio import atomic_path, default_dtype
+from xvila.fileio import Location, default_device, default_dtype, load_parts, own_memory, write_json
 from xvila.media import read_video, write_mp4
 
 VIDEOCRAFTER2_REPO = "adamdad/videocrafterv2_diffusers"
@@ -64,6 +63,7 @@ VARIANTS = ("videocrafter2", "zeroscope")
 # (height, width) each U-Net was trained at: VideoCrafter2 320x512, zeroscope_v2_576w 320x576.
 DEFAULT_SIZE = {"videocrafter2": (320, 512), "zeroscope": (320, 576)}
 DECODER_CONFIG = "decoder.json"  # written last by save_pretrained: marks the folder complete
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # VideoCrafter2's U-Net as published (huggingface.co/adamdad/videocrafterv2_diffusers, config.json).
 VIDEOCRAFTER2_UNET_CONFIG = dict(
@@ -165,119 +165,48 @@ class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
 
 
 # ------------------------------------------------------------------------------- loading
-@dataclass(frozen=True)
-class _Where:
-    """Where one part lives: a Hub repo id or local folder, a subfolder, a revision."""
-
-    source: str
-    subfolder: str | None
-    revision: str | None = None
-    config_name: str = "config.json"
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.source).is_dir()
-
-    def kwargs(self) -> dict:
-        kw: dict = {"subfolder": self.subfolder} if self.subfolder else {}
-        if self.revision and not self.is_local:
-            kw["revision"] = self.revision
-        return kw
-
-    def __str__(self) -> str:
-        at = f"{self.source}/{self.subfolder}" if self.subfolder else self.source
-        return f"{at}@{self.revision}" if self.revision and not self.is_local else at
-
-
-def _layout(source: str, variant: str, base: str, base_revision: str | None) -> dict[str, _Where]:
+def _layout(source: str, variant: str, base: str, base_revision: str | None) -> dict[str, Location]:
     """Where each part of the decoder lives. A local folder: the U-Net in unet/ (our layout,
     zeroscope's) or at the root (the VideoCrafter2 conversion's), the other parts in its
     subfolders, or from `base` when it has none. A Hub id: VideoCrafter2's U-Net at the root
     with the other parts from `base`; zeroscope's repo whole."""
     folder = Path(source)
     if folder.is_dir():
-        unet = _Where(source, "unet" if (folder / "unet").is_dir() else None)
+        unet = Location(source, "unet" if (folder / "unet").is_dir() else None)
         rest, revision = (source, None) if (folder / "vae").is_dir() else (base, base_revision)
     elif variant == "videocrafter2":
-        unet, rest, revision = _Where(source, None), base, base_revision
+        unet, rest, revision = Location(source, None), base, base_revision
     else:
         revision = base_revision if source == base else None
-        unet, rest = _Where(source, "unet", revision), source
+        unet, rest = Location.part(source, "unet", revision), source
+    return {"unet": unet, **{name: Location.part(rest, name, revision) for name in PARTS if name != "unet"}}
+
+
+def _loaders(variant: str, dtype: torch.dtype | None) -> dict:
+    """Each part's library loader, with loading info for the strict check."""
+    unet_cls = UNet3DVideoCrafterConditionModel if variant == "videocrafter2" else UNet3DConditionModel
     return {
-        "unet": unet,
-        "vae": _Where(rest, "vae", revision),
-        "text_encoder": _Where(rest, "text_encoder", revision),
-        "tokenizer": _Where(rest, "tokenizer", revision, "tokenizer_config.json"),
-        "scheduler": _Where(rest, "scheduler", revision, "scheduler_config.json"),
+        "unet": diffusers_loader(unet_cls, dtype, loading_info=True),
+        "vae": diffusers_loader(AutoencoderKL, dtype, loading_info=True),
+        "text_encoder": transformers_loader(CLIPTextModel, dtype),
+        "tokenizer": CLIPTokenizer.from_pretrained,
+        "scheduler": dpm_solver_loader,
     }
 
 
-def _check_offline(layout: dict[str, _Where], what: str) -> None:
-    """With HF_HUB_OFFLINE set, name every Hub repo missing from the local cache at once,
-    before minutes of loading fail on the first."""
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    missing: dict[str, list[str]] = {}
-    for name, where in layout.items():
-        if where.is_local:
-            continue
-        file = f"{where.subfolder}/{where.config_name}" if where.subfolder else where.config_name
-        if not isinstance(try_to_load_from_cache(where.source, file, revision=where.revision), str):
-            missing.setdefault(where.source + (f"@{where.revision}" if where.revision else ""), []).append(name)
-    if missing:
-        repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
-        raise WeightsUnavailableError(
-            f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
-            "once with network (`hf download REPO [--revision REV]`), or pass a local folder.")
-
-
-def _strict(info: dict, where: _Where, name: str, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """diffusers and transformers only warn about missing or unused weights; here both are errors."""
-    def show(keys) -> str:
-        keys = sorted(map(str, keys))
-        return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
-
-    found = {
-        "missing": info.get("missing_keys") or [],
-        "unexpected": [k for k in info.get("unexpected_keys") or [] if not (ignore and k.endswith(ignore))],
-        "mismatched": info.get("mismatched_keys") or [],
-    }
-    problems = [f"{kind} {show(keys)}" for kind, keys in found.items() if keys]
-    if problems:
-        raise WeightsUnavailableError(f"{what}: the {name} weights in {where} do not match the model: "
-                                      f"{'; '.join(problems)}")
-
-
-def load_unet(where: _Where | str, variant: str, dtype: torch.dtype | None = None, what: str = "video decoder"):
+def load_unet(where: Location | str, variant: str, dtype: torch.dtype | None = None, what: str = "video decoder"):
     """The variant's U-Net class from a folder or repo, strictly: a missing or unexpected
     key (e.g. an fps-embedding weight) is an error that names it."""
-    where = where if isinstance(where, _Where) else _Where(str(where), None)
-    cls = UNet3DVideoCrafterConditionModel if variant == "videocrafter2" else UNet3DConditionModel
-    try:
-        unet, info = cls.from_pretrained(where.source, dtype=dtype, output_loading_info=True, **where.kwargs())
-    except (OSError, ValueError, HfHubHTTPError) as err:  # OSError covers the Hub's not-found errors
-        raise WeightsUnavailableError(f"{what}: could not load the unet from {where}: {err}") from err
-    _strict(info, where, "unet", what)
-    if variant == "videocrafter2" and unet.fps_embedding is None:
-        raise WeightsUnavailableError(f"{what}: the U-Net in {where} has fps_cond=false; VideoCrafter2's takes fps")
+    where = where if isinstance(where, Location) else Location(str(where), None)
+    unet = load_parts(where.source, {"unet": _loaders(variant, dtype)["unet"]}, what, {"unet": where},
+                      unexpected=True)["unet"]
+    _check_fps(unet, variant, f"{what}: the U-Net in {where}")
     return unet
 
 
-def _load_part(name: str, where: _Where, dtype: torch.dtype | None, what: str):
-    """The VAE, text encoder, tokenizer or scheduler, with its library's `from_pretrained`."""
-    source, kw = where.source, where.kwargs()
-    try:
-        if name == "tokenizer":
-            return CLIPTokenizer.from_pretrained(source, **kw)
-        if name == "scheduler":  # any config (zeroscope ships DDIM's) gives the betas; DPM-Solver++ takes what it knows
-            return DPMSolverMultistepScheduler.from_pretrained(source, algorithm_type="dpmsolver++", **kw)
-        cls = AutoencoderKL if name == "vae" else CLIPTextModel
-        part, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **kw)
-    except (OSError, ValueError, HfHubHTTPError) as err:
-        raise WeightsUnavailableError(f"{what}: could not load the {name} from {where}: {err}") from err
-    # Old CLIP checkpoints carry the position-id buffer, which current transformers recomputes.
-    _strict(info, where, name, what, ignore=("position_ids",))
-    return part
+def _check_fps(unet, variant: str, what: str) -> None:
+    if variant == "videocrafter2" and unet.fps_embedding is None:
+        raise WeightsUnavailableError(f"{what} has fps_cond=false; VideoCrafter2's takes fps")
 
 
 # ------------------------------------------------------------------------------- decoder
@@ -378,15 +307,16 @@ class VideoDecoder(Decoder):
                 "scheduler": self.scheduler}
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, variant: str | None = None, base: str = ZEROSCOPE_REPO,
                         base_revision: str | None = ZEROSCOPE_REVISION) -> "VideoDecoder":
         """A folder written by `save_pretrained` (its decoder.json gives the variant), or
         the variant's weights: VideoCrafter2's U-Net from `source` (default
         adamdad/videocrafterv2_diffusers) with the other parts from `base`, or zeroscope
         whole from `source` (default `base`). Each part loads with its library's
-        `from_pretrained`; any failure is a `WeightsUnavailableError` naming the repos."""
-        device = torch.device(device)
+        `from_pretrained`; any failure is a `WeightsUnavailableError` naming the repos.
+        `device` defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
+        device = default_device(device)
         dtype = dtype or default_dtype(device)
         meta = {}
         if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
@@ -401,25 +331,19 @@ class VideoDecoder(Decoder):
             source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
         source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
         what = f"video decoder ({variant}, {source})"
-        if not Path(source).is_dir() and source.count("/") != 1:
-            raise WeightsUnavailableError(f"{what}: {source} is neither a folder nor a Hub repo id (owner/name)")
         layout = _layout(source, variant, base, base_revision)
-        _check_offline(layout, what)
-        parts = {"unet": load_unet(layout["unet"], variant, dtype, what)}
-        parts.update({name: _load_part(name, where, dtype, what) for name, where in layout.items() if name != "unet"})
+        parts = load_parts(source, _loaders(variant, dtype), what, layout, unexpected=True)
+        _check_fps(parts["unet"], variant, f"{what}: the U-Net in {layout['unet']}")
         decoder = cls(**parts, variant=variant, size=meta.get("size"), condition_fps=meta.get("condition_fps"))
-        return decoder.to(device=device, dtype=dtype)
+        return own_memory(decoder.to(device=device, dtype=dtype))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Each part with its library's `save_pretrained` (safetensors) in its subfolder, then
         decoder.json, last, so that a folder with it is complete."""
-        folder = Path(folder)
-        for name, part in self.parts().items():
-            part.save_pretrained(str(folder / name))
-        with atomic_path(folder / DECODER_CONFIG) as tmp:
-            tmp.write_text(json.dumps({"variant": self.variant, "size": list(self.size),
-                                       "condition_fps": self.condition_fps}, indent=2) + "\n")
-        return folder
+        super().save_pretrained(folder)
+        write_json({"variant": self.variant, "size": list(self.size), "condition_fps": self.condition_fps},
+                   Path(folder) / DECODER_CONFIG)
+        return Path(folder)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32, variant: str = "videocrafter2") -> "VideoDecoder":

@@ -75,7 +75,12 @@ def save_imagebind(model: ImageBind, folder: str | os.PathLike) -> Path:
 
 
 def load_imagebind_tokenizer(source: str | os.PathLike = CLIP_TOKENIZER_REPO, context_length: int = 77) -> ImageBindTokenizer:
-    """CLIP's BPE from a folder or Hub repo with `tokenizer.json` (or `vocab.json` + `merges.txt`)."""
+    """CLIP's BPE from a folder or Hub repo with `tokenizer.json` (or `vocab.json` + `merges.txt`).
+
+    X-VILA itself never reads text through ImageBind (its text goes to the LLM), so nothing in
+    the package calls this. It is kept for ImageBind's text tower: the check of our port
+    against the official text embeddings (tests/test_imagebind.py), and anyone who wants
+    ImageBind text embeddings, e.g. for retrieval-style evaluation."""
     # Resolve the files ourselves: transformers quietly builds an empty tokenizer when
     # they are missing.
     what = f"CLIP tokenizer ({source})"
