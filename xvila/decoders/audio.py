@@ -40,9 +40,8 @@ from transformers import (
 from xvila.constants import AUDIO
 from xvila.decoders import tiny
 from xvila.decoders.base import (
-    DecodeSettings, DecodeSettingsError, Decoder, diffusers_loader, dpm_solver_loader, transformers_loader,
+    DecodeSettings, DecodeSettingsError, Decoder, latent_diffusion_loaders, transformers_loader,
 )
-from xvila.fileio import default_device, default_dtype, load_parts, own_memory
 from xvila.media import write_wav
 
 AUDIOLDM_REPO = "cvssp/audioldm-s-full-v2"
@@ -124,17 +123,12 @@ class AudioDecoder(Decoder):
         """A diffusers-layout Hub repo or folder (subfolders unet, vae, scheduler,
         text_encoder, tokenizer, vocoder), e.g. AudioLDM or what `save_pretrained` wrote.
         `device` defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
-        device = default_device(device)
-        dtype = dtype or default_dtype(device)
-        parts = load_parts(source, {
-            "unet": diffusers_loader(UNet2DConditionModel, dtype),
-            "vae": diffusers_loader(AutoencoderKL, dtype),
-            "scheduler": dpm_solver_loader,
+        return cls.load(source, lambda dtype: {
+            **latent_diffusion_loaders(UNet2DConditionModel, dtype),
             "text_encoder": transformers_loader(ClapTextModelWithProjection, dtype),
             "tokenizer": RobertaTokenizer.from_pretrained,
             "vocoder": transformers_loader(SpeechT5HifiGan, dtype),
-        }, f"audio decoder ({source})")
-        return own_memory(cls(**parts).to(device=device, dtype=dtype))
+        }, f"audio decoder ({source})", device, dtype)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "AudioDecoder":
@@ -148,10 +142,8 @@ class AudioDecoder(Decoder):
             unet = UNet2DConditionModel(**tiny.AUDIO_UNET, projection_class_embeddings_input_dim=cond_dim)
             vae = AutoencoderKL(**tiny.AUDIO_VAE)
             text_encoder = ClapTextModelWithProjection(ClapTextConfig(
-                **tiny.CLAP_TEXT, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length + 2,
-                projection_dim=cond_dim, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            ))
+                **tiny.CLAP_TEXT, **tiny.text_encoder_ids(tokenizer, cond_dim),
+                max_position_embeddings=tokenizer.model_max_length + 2))
             vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**tiny.VOCODER))
         scheduler = DPMSolverMultistepScheduler(**tiny.SCHEDULERS[AUDIO])
         return cls(unet, vae, scheduler, text_encoder, tokenizer, vocoder)

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from torch import nn
 
 from xvila.decoders.controller import prepare_e_vis
 from xvila.errors import XVilaError
-from xvila.fileio import save_parts
+from xvila.fileio import default_device, default_dtype, load_parts, own_memory, save_parts
 
 
 class Cancelled(XVilaError):
@@ -114,6 +114,17 @@ class Decoder(nn.Module):
     def parts(self) -> dict:
         """{subfolder: part} of the diffusers layout the decoder loads from and saves to."""
         raise NotImplementedError
+
+    @classmethod
+    def load(cls, source, loaders: Callable[[torch.dtype], dict], what: str, device=None, dtype=None, layout=None,
+             unexpected: bool = False, **init) -> "Decoder":
+        """The decoder from its parts, each loaded by `loaders(dtype)[name]` (see
+        `xvila.fileio.load_parts`), on `device` (default CUDA when there is one) in `dtype`
+        (default float16 there, float32 on a CPU). `init`: the constructor's other arguments."""
+        device = default_device(device)
+        dtype = dtype or default_dtype(device)
+        parts = load_parts(source, loaders(dtype), what, layout, unexpected)
+        return own_memory(cls(**parts, **init).to(device=device, dtype=dtype))
 
     def save_pretrained(self, folder) -> Path:
         """Each part with its library's `save_pretrained`, in the layout `from_pretrained` reads."""
@@ -259,6 +270,12 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
 
 # ------------------------------------------------------------------ loading parts
 # `xvila.fileio.load_parts` calls one of these per subfolder: the library's own loader.
+def latent_diffusion_loaders(unet_cls, dtype: torch.dtype | None, loading_info: bool = False) -> dict:
+    """The U-Net, VAE and scheduler loaders every decoder shares."""
+    return {"unet": diffusers_loader(unet_cls, dtype, loading_info),
+            "vae": diffusers_loader(AutoencoderKL, dtype, loading_info), "scheduler": dpm_solver_loader}
+
+
 def transformers_loader(cls, dtype: torch.dtype | None) -> Callable:
     return lambda source, **where: cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **where)
 

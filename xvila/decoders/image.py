@@ -29,10 +29,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from xvila.constants import IMAGE
 from xvila.decoders import tiny
 from xvila.decoders.base import (
-    DecodeSettings, Decoder, diffusers_loader, dpm_solver_loader, resize_center_crop, transformers_loader,
+    DecodeSettings, Decoder, latent_diffusion_loaders, resize_center_crop, transformers_loader,
 )
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
-from xvila.fileio import default_device, default_dtype, load_parts, own_memory
 from xvila.media import read_image, write_png
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -117,16 +116,11 @@ class ImageDecoder(Decoder):
         """A diffusers-layout Hub repo or folder (subfolders unet, vae, scheduler,
         text_encoder, tokenizer), e.g. SD1.5 or what `save_pretrained` wrote. `device`
         defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
-        device = default_device(device)
-        dtype = dtype or default_dtype(device)
-        parts = load_parts(source, {
-            "unet": diffusers_loader(UNet2DConditionModel, dtype),
-            "vae": diffusers_loader(AutoencoderKL, dtype),
-            "scheduler": dpm_solver_loader,
+        return cls.load(source, lambda dtype: {
+            **latent_diffusion_loaders(UNet2DConditionModel, dtype),
             "text_encoder": transformers_loader(CLIPTextModel, dtype),
             "tokenizer": CLIPTokenizer.from_pretrained,
-        }, f"image decoder ({source})")
-        return own_memory(cls(**parts).to(device=device, dtype=dtype))
+        }, f"image decoder ({source})", device, dtype)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, cond_dim: int = 32) -> "ImageDecoder":
@@ -139,9 +133,6 @@ class ImageDecoder(Decoder):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel(**tiny.IMAGE_UNET, cross_attention_dim=cond_dim)
             vae = AutoencoderKL(**tiny.IMAGE_VAE)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                **tiny.CLIP_TEXT, vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim,
-                projection_dim=cond_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            ))
+            text_encoder = CLIPTextModel(CLIPTextConfig(**tiny.CLIP_TEXT, **tiny.text_encoder_ids(tokenizer, cond_dim),
+                                                        hidden_size=cond_dim, intermediate_size=2 * cond_dim))
         return cls(unet, vae, DPMSolverMultistepScheduler(**tiny.SCHEDULERS[IMAGE]), text_encoder, tokenizer)

@@ -75,6 +75,12 @@ VOCODER = dict(
 )
 
 
+def text_encoder_ids(tokenizer, cond_dim: int) -> dict:
+    """What a tiny text encoder's config takes from its toy tokenizer, and E_text's width."""
+    return dict(vocab_size=len(tokenizer), projection_dim=cond_dim, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def toy_roberta_tokenizer(words: list[str], model_max_length: int = 77) -> RobertaTokenizer:
     """A RoBERTa-style byte-level BPE over a few ASCII words, for tiny random models: the
     special tokens at RoBERTa's ids (<s>=0, <pad>=1, </s>=2, <unk>=3), every byte, merges

@@ -46,8 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from xvila.constants import VIDEO
 from xvila.decoders import tiny
 from xvila.decoders.base import (
-    DecodeSettings, DecodeSettingsError, Decoder, diffusers_loader, dpm_solver_loader, resize_center_crop,
-    transformers_loader,
+    DecodeSettings, DecodeSettingsError, Decoder, latent_diffusion_loaders, resize_center_crop, transformers_loader,
 )
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.errors import ConfigError, WeightsUnavailableError
@@ -186,11 +185,9 @@ def _loaders(variant: str, dtype: torch.dtype | None) -> dict:
     """Each part's library loader, with loading info for the strict check."""
     unet_cls = UNet3DVideoCrafterConditionModel if variant == "videocrafter2" else UNet3DConditionModel
     return {
-        "unet": diffusers_loader(unet_cls, dtype, loading_info=True),
-        "vae": diffusers_loader(AutoencoderKL, dtype, loading_info=True),
+        **latent_diffusion_loaders(unet_cls, dtype, loading_info=True),
         "text_encoder": transformers_loader(CLIPTextModel, dtype),
         "tokenizer": CLIPTokenizer.from_pretrained,
-        "scheduler": dpm_solver_loader,
     }
 
 
@@ -363,10 +360,8 @@ class VideoDecoder(Decoder):
             else:
                 unet = UNet3DConditionModel(**unet_config)
             vae = AutoencoderKL(**tiny.VIDEO_VAE)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                **tiny.CLIP_TEXT, vocab_size=len(tokenizer), hidden_size=cond_dim, intermediate_size=2 * cond_dim,
-                projection_dim=cond_dim, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            ))
+            text_encoder = CLIPTextModel(CLIPTextConfig(**tiny.CLIP_TEXT, **tiny.text_encoder_ids(tokenizer, cond_dim),
+                                                        hidden_size=cond_dim, intermediate_size=2 * cond_dim,
+                                                        hidden_act="gelu"))
         scheduler = DPMSolverMultistepScheduler(**tiny.SCHEDULERS[VIDEO])
         return cls(unet, vae, text_encoder, tokenizer, scheduler, variant=variant, size=tiny.VIDEO_SIZE)
