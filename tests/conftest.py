@@ -26,3 +26,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny-random X-VILA, built once per test module (a module's tests may change its parts)."""
+    from xvila import XVila
+
+    return XVila.from_pretrained("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Input media by key (`media_factory.sample_media`), written once per test module."""
+    from media_factory import sample_media
+
+    return sample_media(tmp_path_factory.mktemp("media"))

@@ -112,3 +112,30 @@ def png_claiming_size(path: Path, width: int, height: int) -> Path:
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC over type + data
     path.write_bytes(bytes(data))
     return path
+
+
+def sample_media(folder: Path) -> dict[str, str]:
+    """The chat and any-to-any tests' inputs, by key, written into `folder`:
+    image0/1 (48x64 PNG), video0/1 (2.5 s at 8 fps), audio0/1 (2 s sine WAVs at 16 kHz), and
+    image / video (12 frames at 8 fps with a 0.5 s tone) / audio (that tone)."""
+    from xvila import media as media_io  # the package's own writers: what a user's files look like
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in range(2):
+        out[f"image{i}"] = str(folder / f"photo{i}.png")
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(out[f"image{i}"])
+        video = rng.integers(0, 256, (20, 48, 64, 3), dtype=np.uint8)
+        out[f"video{i}"] = str(media_io.write_mp4(folder / f"clip{i}.mp4", video, 8))
+        t = np.arange(32000) / 16000
+        wave = 0.5 * np.sin(2 * np.pi * (440 + 330 * i) * t)
+        out[f"audio{i}"] = str(media_io.write_wav(folder / f"tone{i}.wav", wave, 16000))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "photo.png")
+    frames = rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8)
+    t = np.arange(8000) / 16000
+    sound = media_io.Audio(np.sin(2 * np.pi * 440 * t, dtype=np.float32)[None] * 0.3, 16000)
+    media_io.write_mp4(folder / "clip.mp4", frames, fps=8, audio=sound)
+    media_io.write_wav(folder / "bark.wav", sound.samples, 16000)
+    out.update(image=str(folder / "photo.png"), video=str(folder / "clip.mp4"), audio=str(folder / "bark.wav"))
+    return out

@@ -14,24 +14,6 @@ from xvila.decoders.base import DecodeSettings
 FAST = DecodeSettings(steps=2, frames=4, seconds=0.5)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return XVila.from_pretrained("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(d / "photo.png")
-    frames = rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8)
-    t = np.arange(8000) / 16000
-    tone = media_io.Audio(np.sin(2 * np.pi * 440 * t, dtype=np.float32)[None] * 0.3, 16000)
-    media_io.write_mp4(d / "clip.mp4", frames, fps=8, audio=tone)
-    media_io.write_wav(d / "bark.wav", tone.samples, 16000)
-    return {"image": str(d / "photo.png"), "video": str(d / "clip.mp4"), "audio": str(d / "bark.wav")}
-
-
 def media_events(events):
     return [e for e in events if e.kind == "media"]
 

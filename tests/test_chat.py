@@ -10,42 +10,18 @@ from __future__ import annotations
 import inspect
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from xvila import media as media_io
 from xvila.chat import Chat, ContextOverflowError, HistoryError, OutputError, Record
 from xvila.checkpoint import build_xvila
 from xvila.config import XVilaConfig
 from xvila.conversation import Turn, render, tokenize
 from xvila.engine import Engine, Sampling
 from xvila.errors import XVilaError
-from xvila.model import XVila
 
 TAGS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 PLACEHOLDER = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
-
-
-@pytest.fixture(scope="module")
-def model():
-    return XVila.from_pretrained("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Small test media: two images, two videos (2.5 s at 8 fps) and two sine WAVs (2 s, 16 kHz)."""
-    d = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    out = {}
-    for i in range(2):
-        out[f"image{i}"] = str(d / f"photo{i}.png")
-        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(out[f"image{i}"])
-        out[f"video{i}"] = str(media_io.write_mp4(d / f"clip{i}.mp4", rng.integers(0, 256, (20, 48, 64, 3), dtype=np.uint8), 8))
-        t = np.arange(32000) / 16000
-        out[f"audio{i}"] = str(media_io.write_wav(d / f"tone{i}.wav", 0.5 * np.sin(2 * np.pi * (440 + 330 * i) * t), 16000))
-    return out
 
 
 def gen_ids(model, modality: str) -> list[int]:

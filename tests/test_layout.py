@@ -154,3 +154,29 @@ def test_the_io_leaf_imports_only_errors():
     edges, _ = graph()
     assert edges["xvila.fileio"] <= {"xvila.errors"}
     assert edges["xvila.errors"] == set()
+
+
+# The README's table of modules as layers: a module imports only modules of lower layers.
+LAYERS = [
+    {"xvila.errors", "xvila.constants", "xvila.projections", "xvila.encoders", "xvila.decoders", "train",
+     "xvila.encoders.clip_tokenizer"},
+    {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.config", "xvila.conversation"},
+    {"xvila.media", "xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "xvila.engine"},
+    {"xvila.encoders.imagebind_preprocess", "xvila.encoders.imagebind_weights", "xvila.decoders.base", "train.data"},
+    {"xvila.decoders.image", "xvila.decoders.video", "xvila.decoders.audio", "xvila.model", "train.adapters",
+     "train.builders"},
+    {"xvila.chat", "xvila.checkpoint", "train.cache", "train.export"},
+    {"train.batches"},
+    {"train.phase3b"},
+    {"train.phases"},
+    {"train.loop"},
+    {"train.__main__"},
+]
+
+
+def test_every_module_imports_only_lower_layers():
+    edges, _ = graph()
+    layer = {m: i for i, ms in enumerate(LAYERS) for m in ms}
+    assert set(layer) == set(edges), "a module is missing from LAYERS (and from the README's table)"
+    upward = [f"{m} -> {t}" for m, ts in edges.items() for t in ts if layer[t] >= layer[m]]
+    assert upward == []

@@ -36,11 +36,6 @@ AUD = "".join(f"[AUD{i}]" for i in range(8))
 
 
 @pytest.fixture(scope="module")
-def model():
-    return XVila.from_pretrained("tiny-random")
-
-
-@pytest.fixture(scope="module")
 def model_k3():
     """Image inputs take k = 3 LLM embeddings (pooled from ImageBind's token grid)."""
     config = XVilaConfig.from_name("tiny-random").replace(tokens_per_input={"image": 3, "video": 1, "audio": 1})

@@ -518,3 +518,16 @@ def test_accelerate_launch_configs_parse_with_accelerates_schema():
     assert "gradient_accumulation_steps" not in big.deepspeed_config  # the loop sets it
     small = load_config_from_file(str(CONFIGS / "accelerate/1x24gb.yaml"))
     assert (small.distributed_type.value, small.num_processes, small.mixed_precision) == ("NO", 1, "bf16")
+
+
+def test_one_table_of_phases_drives_the_cli_and_the_trainable_groups():
+    from train.__main__ import parse
+    from train.phases import COMMANDS, PHASES
+    from xvila.model import PHASES as TRAINS
+
+    assert list(PHASES) == ["1", "2", "3a", "3b"] and set(PHASES) == set(TRAINS)
+    assert list(COMMANDS) == ["phase1", "phase2", "phase3a", "phase3b"]
+    assert PHASES["3b"].trains == ("controllers", "visual_unets") and "lora" not in PHASES["1"].trains
+    assert parse(["phase3a", "--config", "c.yaml", "steps=5"]).overrides == ["steps=5"]
+    with pytest.raises(SystemExit):
+        parse(["phase4", "--config", "c.yaml"])

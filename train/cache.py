@@ -7,11 +7,11 @@ Embedding caches, computed once so that training never runs the big frozen encod
     python -m train.cache text --manifest data/pairs.jsonl --model xvila-7b --out cache/text
 
 - `build_feature_cache`: per media file, ImageBind's outputs through the model's own
-  preprocessing and ImageBind (`imagebind_preprocess.load_*`, `model.imagebind.encode`):
+  preprocessing and ImageBind (`imagebind_preprocess.load`, `XVila.encode`):
   ``pooled`` [out_dim]; ``tokens`` (the trunk's token grid, only where the model's
   `tokens_per_input` for that modality is > 1) [L, D]; ``highway`` (E_vis, image and video)
   [H, W, C]. For clip inputs (video, audio) tokens and highway are averaged over the clips,
-  as `XVila.project_media` and `prepare_e_vis` do anyway (a video's 15 clip grids would
+  by `mean_clips`, as the chat's path does anyway (a video's 15 clip grids would
   be 15x the disk); `keep_clips=True` stores them per clip. Read with
   `FeatureCache(dir).get(rel_path)`.
 - `build_text_cache`: per (modality, caption), the decoder text encoder's embedding,

@@ -8,6 +8,17 @@
 
 Nothing is built, loaded or downloaded at import time; the heavy modules (torch,
 transformers, peft) are imported on first use of the names below.
+
+How the code is laid out, along the data path of one turn: `media.py` reads a file;
+`encoders/imagebind_preprocess.py` makes ImageBind's inputs; `XVila.encode` (`model.py`)
+runs ImageBind and P_in (`projections.py`); `chat.py` keeps the history and builds the
+prompt (`conversation.py`); `engine.py` decodes tokens and the generation-token states;
+P_out maps them to E_text; `decoders/base.py` runs the denoising loop (the highway's
+controller is `decoders/controller.py`) for the decoder in `decoders/image.py`, `video.py`
+or `audio.py`. Loading goes one way: `fileio.py` is the only module that touches files
+and the Hub, each part's loader sits beside the part, and `checkpoint.py` assembles the
+whole model. Training: `train/phases.py` (the phases) and `train/loop.py` (the loop). The
+README's architecture section has the table of modules and what each may import.
 """
 
 from xvila.errors import ConfigError, WeightsUnavailableError, XVilaError

@@ -15,7 +15,7 @@ X-VILA needs more than the pooled embedding, so `encode()` also returns the trun
 token grid (input to P_in with k > 1) and the vision trunk's per-block outputs summed
 and laid out as H x W x C (the visual embedding highway's E_vis).
 
-This module does no I/O: weights are loaded by `xvila.checkpoint.load_imagebind`.
+This module does no I/O: weights are loaded by `xvila.encoders.imagebind_weights.load_imagebind`.
 The encoder is frozen in every X-VILA phase, so stochastic depth (the official
 `audio_drop_path`) is kept as a config field for fidelity but never applied.
 """
