@@ -32,22 +32,29 @@ LOADERS = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}
 def imagebind_embed(model, modality: str, batch: torch.Tensor) -> torch.Tensor:
     """Official ImageBind embeddings [N, D] of a preprocessed batch of one modality.
 
-    `model` is an XVila (its ImageBind is used) or an ImageBind. This is the one place the
-    evaluation reaches into the model: re-point it when the model grows a public method
-    that encodes preprocessed inputs.
+    `model` is an XVila (its ImageBind is used) or an ImageBind. This and `imagebind_of`
+    are the one place the evaluation reaches into the model: re-point them when the model
+    grows a public method that encodes preprocessed inputs.
     """
     from xvila.encoders.imagebind import AUDIO as IB_AUDIO
     from xvila.encoders.imagebind import VISION as IB_VISION
-    from xvila.encoders.imagebind import ImageBind
 
-    imagebind = model if isinstance(model, ImageBind) else getattr(model, "imagebind", None)
-    if not isinstance(imagebind, ImageBind):
-        raise EvaluationError(f"the X²A score needs an XVila or an ImageBind, not a {type(model).__name__}")
+    imagebind = imagebind_of(model)
     key = IB_AUDIO if modality == AUDIO else IB_VISION
     param = next(imagebind.parameters())
     with torch.no_grad():
         out = imagebind.encode({key: batch.to(param.device, param.dtype)}, tokens=False, vision_blocks=False)
     return out.embeds[key].float()
+
+
+def imagebind_of(model):
+    """The ImageBind of an XVila, or `model` itself when it is one."""
+    from xvila.encoders.imagebind import ImageBind
+
+    imagebind = model if isinstance(model, ImageBind) else getattr(model, "imagebind", None)
+    if not isinstance(imagebind, ImageBind):
+        raise EvaluationError(f"the X²A score needs an XVila or an ImageBind, not a {type(model).__name__}")
+    return imagebind
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -64,6 +71,7 @@ class Embedder:
     def __init__(self, model, batch_size: int = 8):
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be positive, not {batch_size}")
+        imagebind_of(model)  # a wrong model fails here, not at the first file
         self.model, self.batch_size = model, batch_size
         self.cache: dict[tuple[str, str], torch.Tensor] = {}  # (modality, sha256) -> [D] on the CPU
         self.encoded = 0  # files run through ImageBind (cache misses), for tests and logs
@@ -109,6 +117,7 @@ _EMBEDDERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def embedder_for(model) -> Embedder:
+    imagebind_of(model)
     if model not in _EMBEDDERS:
         _EMBEDDERS[model] = Embedder(model)
     return _EMBEDDERS[model]
