@@ -188,11 +188,20 @@ def test_understand_vqa_and_mmmu_score_the_replies(model, tmp_path, monkeypatch)
         {"id": "q1", "image": a, "question": "How many dogs?", "answers": ["2"] * 10},
         {"id": "q2", "image": b, "question": "What colour?", "answers": ["blue"] * 3 + ["navy"] * 7},
     ]) + "\n")
+    (tmp_path / "gone.jsonl").write_text(json.dumps({"id": "q3", "image": "missing.png", "question": "?",
+                                                     "answers": ["2"]}) + "\n")
+    vqa.write_text(vqa.read_text() + (tmp_path / "gone.jsonl").read_text())
     replies = {"q1": "Two.", "q2": "blue"}
-    monkeypatch.setattr(und, "reply", lambda model, item, n: replies[item.id])
+    real_reply = und.reply
+
+    def fake_reply(model, item, n):
+        return real_reply(model, item, n) if item.id == "q3" else replies[item.id]  # q3: a missing file
+
+    monkeypatch.setattr(und, "reply", fake_reply)
     data = main(["understand", "--task", "vqav2", "--data", str(vqa), "--out", str(tmp_path / "vqa"), *FAST[2:]],
                 model=model)
-    assert [s["score"] for s in data["samples"]] == pytest.approx([100.0, 90.0])  # hand-worked: 1 and 0.9
+    assert [s["score"] for s in data["samples"][:2]] == pytest.approx([100.0, 90.0])  # hand-worked: 1 and 0.9
+    assert data["failed"] == 1 and "missing.png" in data["samples"][2]["error"]
     assert data["metrics"]["VQA accuracy"]["mean"] == pytest.approx(95.0)
     assert "| VQA accuracy | 95.00 [" in (tmp_path / "vqa" / "results.md").read_text()
     mmmu = tmp_path / "mmmu.jsonl"
@@ -219,3 +228,20 @@ def test_understand_runs_the_model_and_scores_captions(model, tmp_path):
     assert data["throughput"]["samples"] == 2
     md = (out / "results.md").read_text()
     assert "| CIDEr |" in md and "| BLEU-4 |" in md
+
+
+def test_a_broken_input_fails_its_sample_and_the_run_goes_on(model, heldout, tmp_path):
+    records = [json.loads(line) for line in heldout.read_text().splitlines()[:2]]
+    broken = heldout.parent / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    assert records[0]["inputs"][0]["modality"] == "video"
+    records[0]["inputs"][0]["path"] = broken.name
+    manifest = heldout.parent / "with-broken.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "broken"
+    data = main(["x2a", "--data", str(manifest), "--out", str(out), "--modes", "ta", *FAST], model=model)
+    bad, good = data["samples"]
+    assert bad["score"] is None and "broken.mp4" in bad["error"]
+    assert good["score"] is not None and "error" not in good
+    assert sum(x["failed"] for x in data["summary"]) == 1
+    assert "1 samples failed" in (out / "results.md").read_text()

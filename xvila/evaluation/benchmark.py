@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from xvila.decoders.base import DecodeSettings
+from xvila.errors import XVilaError
 from xvila.evaluation import report
 from xvila.evaluation.manifests import Conversation, read_x2x
 from xvila.evaluation.records import SampleLog, Throughput, write_json, write_text
@@ -107,7 +108,8 @@ def run_job(model, job: Job, s: X2ASettings, out: Path) -> list[dict]:
     return results
 
 
-def _record(job: Job, key: str, s: X2ASettings, outputs: list[dict], embedder: Embedder, out: Path) -> dict:
+def _record(job: Job, key: str, s: X2ASettings, outputs: list[dict], embedder: Embedder, out: Path,
+            error: str | None = None) -> dict:
     pairs = [(o["pred"], o["truth"]) for o in outputs if o["pred"]]
     scores = iter(embedder.scores(pairs))
     files = []
@@ -118,13 +120,14 @@ def _record(job: Job, key: str, s: X2ASettings, outputs: list[dict], embedder: E
     scored = [f["score"] for f in files if f["score"] is not None]
     variants = sorted({o["variant"] for o in outputs if o["variant"]})
     return {"key": key, "id": job.conv.id, "type": job.conv.type, "mode": job.mode, "variant": "/".join(variants),
-            "alpha": job.alpha, "seed": s.seed, "score": sum(scored) / len(scored) if len(scored) == len(files) else None,
-            "files": files}
+            "alpha": job.alpha, "seed": s.seed,
+            "score": sum(scored) / len(scored) if scored and len(scored) == len(files) else None,
+            "files": files, **({"error": error} if error else {})}
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Per (type, mode, α): n, mean and 95 % interval of the sample scores (failed samples,
-    with an output the model did not produce, are counted apart)."""
+    """Per (type, mode, α): n, mean and 95 % interval of the sample scores (failed samples -
+    an unreadable input, an output the model did not produce - are counted apart)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["type"], r["mode"], r["alpha"]), []).append(r)
@@ -150,16 +153,22 @@ def run_x2a(model, data: str, out: str, s: X2ASettings, checkpoint: str = "", pr
     todo = [j for j in jobs if j.key(s.seed) not in log.done]
     # Ground truths first, in batches: each is encoded once, however many modes score it.
     truths = sorted({r.truth for j in todo for r in j.conv.rounds if r.truth})
-    if truths:
-        embedder.embed(truths)
+    try:
+        if truths:
+            embedder.embed(truths)
+    except XVilaError:
+        pass  # a broken truth file fails its own samples below, with the reason recorded
     speed = Throughput(model.device)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="sample", desc="X²A", disable=not progress,
               dynamic_ncols=True) as bar:
         for job in todo:
-            outputs = run_job(model, job, s, out_dir)
-            log.add(_record(job, job.key(s.seed), s, outputs, embedder, out_dir))
+            try:
+                record = _record(job, job.key(s.seed), s, run_job(model, job, s, out_dir), embedder, out_dir)
+            except XVilaError as err:  # a broken input or truth file: recorded and counted, the run goes on
+                record = _record(job, job.key(s.seed), s, [], embedder, out_dir, f"{type(err).__name__}: {err}")
+            log.add(record)
             speed.tick()
             bar.update(1)
     print(speed.line())
@@ -193,6 +202,6 @@ def _write_reports(out: Path, results: dict, s: X2ASettings, alpha: float) -> No
             report.plot_modes(summ, list(s.modes), out / "modes.png", "X²A score by decoding mode, same samples and seed")
     failed = sum(x["failed"] for x in summ)
     if failed:
-        lines += ["", f"{failed} samples produced no output file and are left out of the means."]
+        lines += ["", f"{failed} samples failed (see `error` in results.json) and are left out of the means."]
     lines += ["", "For reference (other data: the paper's ActivityNet set, the 7B model):", "", report.paper_table2(), ""]
     write_text(out / "results.md", "\n".join(lines))

@@ -31,7 +31,7 @@ def _inputs(preds: list[str], refs: list[list[str]]) -> tuple[dict, dict]:
     if any(not r for r in refs):
         raise EvaluationError("every item needs at least one reference caption")
     gts = {i: [tokenize_caption(c) for c in r] for i, r in enumerate(refs)}
-    res = {i: [tokenize_caption(p) or "empty"] for i, p in enumerate(preds)}  # the scorers reject ""
+    res = {i: [tokenize_caption(p)] for i, p in enumerate(preds)}
     return gts, res
 
 

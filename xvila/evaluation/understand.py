@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xvila import media as media_io
+from xvila.errors import XVilaError
 from xvila.evaluation.answers import choice_accuracy, choice_prompt, vqa_accuracy
 from xvila.evaluation.captions import caption_scores
 from xvila.evaluation.manifests import ManifestError, media_path, read_jsonl
@@ -108,18 +109,25 @@ def run_understand(model, task: str, data: str, out: str, checkpoint: str = "", 
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="sample", desc=task, disable=not progress,
               dynamic_ncols=True) as bar:
         for item in todo:
-            text = reply(model, item, max_new_tokens)
-            log.add({"key": item.id, "id": item.id, "reply": text, "score": score(task, item, text)})
+            try:
+                text = reply(model, item, max_new_tokens)
+                log.add({"key": item.id, "id": item.id, "reply": text, "score": score(task, item, text)})
+            except XVilaError as err:  # an unreadable file or a bad record: counted, the run goes on
+                log.add({"key": item.id, "id": item.id, "reply": None, "score": None,
+                         "error": f"{type(err).__name__}: {err}"})
             speed.tick()
             bar.update(1)
     print(speed.line())
     records = [log.done[i.id] for i in items]
+    ok = [(r, i) for r, i in zip(records, items) if "error" not in r]
+    if not ok:
+        raise EvaluationError(f"{data}: every sample failed; first error: {records[0]['error']}")
     if task == "caption":
-        metrics = caption_scores([r["reply"] for r in records], [i.truth["captions"] for i in items])
+        metrics = caption_scores([r["reply"] for r, _ in ok], [i.truth["captions"] for _, i in ok])
     else:
-        metrics = {"VQA accuracy" if task != "mmmu" else "accuracy": summary([r["score"] for r in records])}
+        metrics = {"VQA accuracy" if task != "mmmu" else "accuracy": summary([r["score"] for r, _ in ok])}
     results = {"task": task, "settings": {**settings, "limit": limit}, "throughput": speed.record(),
-               "metrics": metrics, "samples": records}
+               "metrics": metrics, "failed": len(records) - len(ok), "samples": records}
     write_json(Path(out) / "results.json", results)
     write_text(Path(out) / "results.md", _markdown(task, results))
     return results
@@ -132,6 +140,8 @@ def _markdown(task: str, results: dict) -> str:
              f"({t['samples_per_s'] or 0:.3f} samples/s) on {t['device']}.", "",
              "| metric (×100) | mean [95 % interval] | n |", "|---|---|---|"]
     lines += [f"| {name} | {cell(s)} | {s['n']} |" for name, s in results["metrics"].items()]
+    if results["failed"]:
+        lines += ["", f"{results['failed']} samples failed (see `error` in results.json) and are left out."]
     if task in PAPER:
         lines += ["", f"Paper, Table 4 (X-VILA 7B): {PAPER[task]}."]
     return "\n".join(lines) + "\n"
