@@ -210,6 +210,9 @@ def test_understand_vqa_and_mmmu_score_the_replies(model, tmp_path, monkeypatch)
     monkeypatch.setattr(und, "reply", lambda model, item, n: "The answer is (A)")
     data = main(["understand", "--task", "mmmu", "--data", str(mmmu), "--out", str(tmp_path / "mmmu")], model=model)
     assert data["metrics"]["accuracy"]["mean"] == 100.0
+    mmmu.write_text(json.dumps({"id": "m1", "question": "?", "options": ["red", "blue"], "answer": "C"}) + "\n")
+    with pytest.raises(ManifestError, match="mmmu.jsonl:1: 'answer' 'C'"):
+        und.read_items("mmmu", str(mmmu))
 
 
 def test_understand_runs_the_model_and_scores_captions(model, tmp_path):

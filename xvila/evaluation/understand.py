@@ -22,7 +22,7 @@ from pathlib import Path
 
 from xvila import media as media_io
 from xvila.errors import XVilaError
-from xvila.evaluation.answers import choice_accuracy, choice_prompt, vqa_accuracy
+from xvila.evaluation.answers import LETTERS, choice_accuracy, choice_prompt, vqa_accuracy
 from xvila.evaluation.captions import caption_scores
 from xvila.evaluation.manifests import ManifestError, media_path, read_jsonl
 from xvila.evaluation.records import SampleLog, Throughput, write_json, write_text
@@ -60,15 +60,22 @@ def _item(task: str, record: dict, root: Path, where: str) -> Item:
                     [media_path(root, _need(record, "image", str, where), where)],
                     {"answers": _need(record, "answers", list, where)})
     if task == "mmmu":
-        options = _need(record, "options", list, where)
+        options = [str(o) for o in _need(record, "options", list, where)]
+        answer = _need(record, "answer", str, where).strip().upper()
+        if answer not in LETTERS[: len(options)]:
+            raise ManifestError(f"{where}: 'answer' {answer!r} is not the letter of one of the {len(options)} options")
         images = record.get("images", [record["image"]] if record.get("image") else [])
+        if not isinstance(images, list):
+            raise ManifestError(f"{where}: 'images' must be a list of paths")
         # MMMU's "<image 1>" tags are not X-VILA placeholders: the images go before the text.
-        return Item(rid, choice_prompt(_need(record, "question", str, where), [str(o) for o in options]),
-                    [media_path(root, p, where) for p in images],
-                    {"options": [str(o) for o in options], "answer": _need(record, "answer", str, where)})
+        return Item(rid, choice_prompt(_need(record, "question", str, where), options),
+                    [media_path(root, p, where) for p in images], {"options": options, "answer": answer})
     path = media_path(root, _need(record, "path", str, where), where)
     prompt = record.get("prompt") or CAPTION_PROMPTS[media_io.media_kind(path)]
-    return Item(rid, prompt, [path], {"captions": _need(record, "captions", list, where)})
+    captions = _need(record, "captions", list, where)
+    if not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ManifestError(f"{where}: 'captions' must be non-empty strings")
+    return Item(rid, prompt, [path], {"captions": captions})
 
 
 def read_items(task: str, data: str, root: str | None = None, limit: int | None = None) -> list[Item]:
