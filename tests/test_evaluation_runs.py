@@ -3,6 +3,8 @@ the project's own builders (`train.builders.build_x2x`) from generated captioned
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,3 +250,12 @@ def test_a_broken_input_fails_its_sample_and_the_run_goes_on(model, heldout, tmp
     assert good["score"] is not None and "error" not in good
     assert sum(x["failed"] for x in data["summary"]) == 1
     assert "1 samples failed" in (out / "results.md").read_text()
+
+
+def test_cli_reports_a_bad_manifest_before_loading_any_model(tmp_path):
+    # "no/such-model" would fail to load: the manifest error must come first.
+    run = subprocess.run([sys.executable, "-m", "xvila.evaluation", "x2a", "--checkpoint", "no/such-model",
+                          "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "missing.jsonl: manifest not found" in run.stderr and "Traceback" not in run.stderr

@@ -62,6 +62,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, model=None) -> dict:
     """Parse `argv` and run; `model` (an XVila) skips loading `--checkpoint` (tests)."""
     args = parser().parse_args(argv)
+    # Read the manifest before loading the model: a typo should not cost minutes of loading.
+    if args.command == "x2a":
+        from xvila.evaluation.manifests import read_x2x
+
+        read_x2x(args.data, args.root, args.limit)
+    else:
+        from xvila.evaluation.understand import read_items
+
+        read_items(args.task, args.data, args.root, args.limit)
     if model is None:
         from xvila import XVila
 
