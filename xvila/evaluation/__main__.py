@@ -12,6 +12,10 @@ import argparse
 import sys
 
 from xvila.errors import XVilaError
+from xvila.evaluation.benchmark import MODES, X2ASettings, run_x2a
+from xvila.evaluation.manifests import read_x2x
+from xvila.evaluation.understand import read_items, run_understand
+from xvila.model import XVila
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -25,8 +29,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from xvila.evaluation.benchmark import MODES
-
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in modes if m not in MODES]
     if not modes or bad:
@@ -64,27 +66,17 @@ def main(argv: list[str] | None = None, model=None) -> dict:
     args = parser().parse_args(argv)
     # Read the manifest before loading the model: a typo should not cost minutes of loading.
     if args.command == "x2a":
-        from xvila.evaluation.manifests import read_x2x
-
         read_x2x(args.data, args.root, args.limit)
     else:
-        from xvila.evaluation.understand import read_items
-
         read_items(args.task, args.data, args.root, args.limit)
     if model is None:
-        from xvila import XVila
-
         model = XVila.from_pretrained(args.checkpoint, device=args.device)
     progress = not args.no_progress
     if args.command == "x2a":
-        from xvila.evaluation.benchmark import X2ASettings, run_x2a
-
         s = X2ASettings(modes=args.modes, alpha=args.alpha, alpha_sweep=args.alpha_sweep, limit=args.limit,
                         steps=args.steps, seed=args.seed, temperature=args.temperature,
                         max_new_tokens=args.max_new_tokens or 128, batch_size=args.batch_size, root=args.root)
         return run_x2a(model, args.data, args.out, s, checkpoint=args.checkpoint, progress=progress)
-    from xvila.evaluation.understand import run_understand
-
     return run_understand(model, args.task, args.data, args.out, checkpoint=args.checkpoint, limit=args.limit,
                           max_new_tokens=args.max_new_tokens or 64, root=args.root, progress=progress)
 

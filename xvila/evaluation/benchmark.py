@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from xvila.constants import TA, TA_VEH, TEXT_ALIGNED
 from xvila.decoders.base import DecodeSettings
 from xvila.errors import XVilaError
 from xvila.evaluation import report
@@ -52,11 +53,11 @@ class X2ASettings:
 def send_options(mode: str, alpha: float | None) -> dict:
     """`Chat.send` keywords of a decoding mode (the one place that maps modes to the API)."""
     if mode == "text":
-        return {"decoding": "text"}
+        return {"decoding": TEXT_ALIGNED}
     if mode == "ta":
-        return {"decoding": "embed", "highway": False}
+        return {"decoding": TA}
     if mode == "veh":
-        return {"decoding": "embed", "highway": True, "alpha": alpha}
+        return {"decoding": TA_VEH, "highway": True, "alpha": alpha}
     raise EvaluationError(f"unknown decoding mode {mode!r}; modes: {', '.join(MODES)}")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from xvila import media
 from xvila.constants import IMAGE, MEDIA_MODALITIES, VIDEO
 from xvila.conversation import PLACEHOLDERS
 from xvila.evaluation.stats import EvaluationError
@@ -83,8 +84,6 @@ class Conversation:
 
 
 def media_kind_of(path: str) -> str:
-    from xvila import media
-
     return media.media_kind(path)
 
 

@@ -24,7 +24,11 @@ import torch
 from xvila import media
 from xvila.constants import AUDIO, IMAGE, VIDEO
 from xvila.encoders import imagebind_preprocess as pre
+from xvila.encoders.imagebind import AUDIO as IB_AUDIO
+from xvila.encoders.imagebind import VISION as IB_VISION
+from xvila.encoders.imagebind import ImageBind
 from xvila.evaluation.stats import EvaluationError
+from xvila.model import XVila
 
 LOADERS = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}
 
@@ -32,13 +36,11 @@ LOADERS = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}
 def imagebind_embed(model, modality: str, batch: torch.Tensor) -> torch.Tensor:
     """Official ImageBind embeddings [N, D] of a preprocessed batch of one modality.
 
-    `model` is an XVila (its ImageBind is used) or an ImageBind. This and `imagebind_of`
-    are the one place the evaluation reaches into the model: re-point them when the model
-    grows a public method that encodes preprocessed inputs.
+    `model` is an XVila (its one encoding method, `XVila.encode`, is used) or an ImageBind.
     """
-    from xvila.encoders.imagebind import AUDIO as IB_AUDIO
-    from xvila.encoders.imagebind import VISION as IB_VISION
-
+    if isinstance(model, XVila):
+        with torch.no_grad():
+            return model.encode(modality, batch)["pooled"].float()
     imagebind = imagebind_of(model)
     key = IB_AUDIO if modality == AUDIO else IB_VISION
     param = next(imagebind.parameters())
@@ -47,10 +49,8 @@ def imagebind_embed(model, modality: str, batch: torch.Tensor) -> torch.Tensor:
     return out.embeds[key].float()
 
 
-def imagebind_of(model):
+def imagebind_of(model) -> ImageBind:
     """The ImageBind of an XVila, or `model` itself when it is one."""
-    from xvila.encoders.imagebind import ImageBind
-
     imagebind = model if isinstance(model, ImageBind) else getattr(model, "imagebind", None)
     if not isinstance(imagebind, ImageBind):
         raise EvaluationError(f"the X²A score needs an XVila or an ImageBind, not a {type(model).__name__}")
