@@ -1,0 +1,224 @@
+"""Tests of the toy world (xvila.toy.world) and of its pixel/audio oracle (xvila.toy.oracle).
+
+The world's promises checked here: the API of issue 13, determinism per seed, captions that
+name shape/colour/size/motion/background and never position, texture or shade, sounds that
+differ by shape and colour as the module docstring says, things wholly in frame and apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xvila.toy import world
+from xvila.toy.world import Scene, Thing, WorldError
+
+SEEDS = range(300)
+
+
+def _frame_energy(audio: np.ndarray, hop: int = 160) -> np.ndarray:
+    n = len(audio) // hop
+    return np.sqrt((audio[: n * hop].reshape(n, hop) ** 2).mean(axis=1))
+
+
+def _count_bursts(audio: np.ndarray) -> int:
+    """Sounding stretches separated by silence, counted from 10 ms frame energies."""
+    on = _frame_energy(audio) > 0.05 * _frame_energy(audio).max()
+    return int(on[0]) + int(np.sum(on[1:] & ~on[:-1]))
+
+
+def _peak_hz(audio: np.ndarray, seconds: float = 0.15) -> float:
+    """Strongest frequency of the first sounding `seconds`, from a zero-padded FFT."""
+    start = int(np.argmax(np.abs(audio) > 0.01))
+    clip = audio[start : start + int(seconds * world.SAMPLE_RATE)]
+    spec = np.abs(np.fft.rfft(clip * np.hanning(len(clip)), n=1 << 16))
+    return float(np.fft.rfftfreq(1 << 16, 1 / world.SAMPLE_RATE)[np.argmax(spec)])
+
+
+def one(shape="circle", colour="red", size=0.22, position=(0.5, 0.5), motion="still", shade=(0, 0, 0),
+        background="blue", texture="plain") -> Scene:
+    return Scene((Thing(shape, colour, size, position, motion, shade),), background, texture)
+
+
+# ----------------------------------------------------------------------------- API
+def test_vocabulary_has_what_the_issue_asks():
+    assert {"circle", "square", "triangle", "star"} <= set(world.SHAPES)
+    assert {"red", "green", "blue", "yellow"} <= set(world.COLOURS) and len(world.COLOURS) >= 8
+    assert {"left", "right", "up", "down", "still"} <= set(world.MOTIONS)
+    assert {"plain", "stripes", "dots"} <= set(world.TEXTURES)
+
+
+def test_colours_are_far_apart_beyond_jitter_and_texture():
+    rgb = {k: np.array(v, float) for k, v in world.COLOURS.items()}
+    closest = min(np.linalg.norm(rgb[a] - rgb[b]) for a, b in itertools.combinations(rgb, 2))
+    worst_shift = np.sqrt(3) * (world.SHADE_JITTER + world.TEXTURE_CONTRAST)
+    assert closest >= 90 and closest > 2 * worst_shift
+
+
+def test_render_shapes_and_types():
+    scene = world.sample_scene(3)
+    image, video, audio = world.render_image(scene), world.render_video(scene), world.render_audio(scene)
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
+    assert video.dtype == np.uint8 and video.shape[1:] == (64, 64, 3) and 8 <= video.shape[0] <= 16
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert 1.0 <= len(audio) / world.SAMPLE_RATE <= 2.0 and np.abs(audio).max() <= 1.0
+    np.testing.assert_array_equal(np.asarray(image), video[0])  # the picture is the clip's start
+
+
+def test_same_seed_same_scene_and_media_other_seed_differs():
+    a, b, c = world.sample_scene(11), world.sample_scene(11), world.sample_scene(12)
+    assert a == b and a != c
+    np.testing.assert_array_equal(world.render_video(a), world.render_video(b))
+    np.testing.assert_array_equal(world.render_audio(a), world.render_audio(b))
+    assert not np.array_equal(world.render_video(a), world.render_video(c))
+
+
+def test_seeds_cover_the_vocabulary_and_both_counts():
+    scenes = [world.sample_scene(s) for s in SEEDS]
+    things = [t for s in scenes for t in s.things]
+    assert {t.shape for t in things} == set(world.SHAPES)
+    assert {t.colour for t in things} == set(world.COLOURS)
+    assert {t.motion for t in things} == set(world.MOTIONS)
+    assert {s.texture for s in scenes} == set(world.TEXTURES)
+    assert {len(s.things) for s in scenes} == {1, 2}
+    assert len({t.rgb for t in things if t.colour == "red"}) > 5  # shades jitter per scene
+
+
+# ----------------------------------------------------------------------------- captions
+def test_caption_of_a_hand_made_scene():
+    scene = Scene((Thing("circle", "red", 0.22, (0.3, 0.6), "left", (4, -3, 2)),
+                   Thing("star", "orange", 0.4, (0.7, 0.3), "grow")), "blue", "stripes", (1, 1, 1))
+    assert world.caption(scene) == ("a small red circle moving left and a large orange star growing "
+                                    "on a blue background")
+    assert world.caption(one(background="orange")) == "a small red circle standing still on an orange background"
+
+
+def test_captions_never_name_position_texture_or_shade():
+    banned = re.compile(r"\d|\b(top|bottom|corner|cent(re|er)|middle|plain|stripes?|dots?|light|dark|shade)\b")
+    for seed in SEEDS:
+        text = world.caption(world.sample_scene(seed))
+        assert not banned.search(text), text
+
+
+def test_scene_like_keeps_the_caption_and_changes_the_details():
+    for seed in range(40):
+        scene = world.sample_scene(seed)
+        other = world.scene_like(scene, seed + 10_000)
+        assert world.caption(other) == world.caption(scene)
+        assert world.attributes(other) == world.attributes(scene)
+        assert [t.position for t in other.things] != [t.position for t in scene.things]
+        assert not np.array_equal(world.render_video(other), world.render_video(scene))
+
+
+def test_constraints_are_obeyed():
+    spec = {"shape": "star", "colour": "green", "size": "large", "motion": "up"}
+    for seed in range(20):
+        scene = world.sample_scene(seed, things=[spec], background="white", texture="dots")
+        assert world.attributes(scene) == {"background": "white", "things": [spec]}
+        assert scene.texture == "dots"
+
+
+# ----------------------------------------------------------------------------- pixels
+def test_things_stay_in_frame_and_apart():
+    for seed in SEEDS:
+        scene = world.sample_scene(seed)
+        for t in range(world.FRAMES):
+            masks = [world.shape_mask(th.shape, *th.at(t / (world.FRAMES - 1))) for th in scene.things]
+            for m in masks:
+                assert m.sum() > 20
+                assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), seed
+            if len(masks) == 2:
+                assert not (masks[0] & masks[1]).any(), seed
+
+
+def test_each_thing_is_drawn_in_its_shade_and_moves_its_way():
+    scene = one(colour="red", shade=(5, -5, 3), motion="right", position=(0.3, 0.5))
+    video = world.render_video(scene)
+    red = np.all(video == np.array((225, 25, 33), np.uint8), axis=-1)  # COLOURS["red"] + shade
+    xs = [np.nonzero(red[t])[1].mean() for t in range(len(video))]
+    assert red[0].sum() > 50 and np.all(np.diff(xs) > 0)
+    assert xs[-1] - xs[0] == pytest.approx(world.TRAVEL * 64, abs=1.5)
+
+
+def test_growing_things_grow_and_small_is_smaller_than_large():
+    grow = world.render_video(one(motion="grow", size=0.22))
+    area = np.all(grow == np.array(world.COLOURS["red"], np.uint8), axis=-1).sum(axis=(1, 2))
+    assert np.all(np.diff(area) > 0) and area[-1] / area[0] == pytest.approx(world.GROWTH ** 2, rel=0.15)
+    small = [world.sample_scene(s, things=[{"size": "small"}]) for s in range(10)]
+    large = [world.sample_scene(s, things=[{"size": "large"}]) for s in range(10)]
+    assert max(s.things[0].size for s in small) < min(s.things[0].size for s in large)
+
+
+def test_textures_mark_the_background_only():
+    plain, stripes = world.render_image(one()), world.render_image(one(texture="stripes"))
+    differs = np.any(np.asarray(plain) != np.asarray(stripes), axis=-1)
+    assert 0.2 < differs.mean() < 0.6
+    thing = world.shape_mask("circle", (0.5, 0.5), 0.22)
+    assert not differs[thing].any()
+
+
+# ----------------------------------------------------------------------------- sound
+def test_each_colour_has_its_own_pitch():
+    peaks = {c: _peak_hz(world.render_audio(one(colour=c, background="black" if c != "black" else "white")))
+             for c in world.COLOURS}
+    assert peaks["red"] == pytest.approx(220, rel=0.02)  # the documented base pitch
+    ordered = sorted(peaks.values())
+    semitones = 12 * np.log2(np.array(ordered[1:]) / np.array(ordered[:-1]))
+    assert semitones.min() > 3  # colours a major third apart
+
+
+def test_each_shape_has_its_own_rhythm_and_timbre():
+    sounds = {s: world.render_audio(one(shape=s)) for s in world.SHAPES}
+    assert {s: _count_bursts(a) for s, a in sounds.items()} == {"circle": 1, "square": 2, "triangle": 3, "star": 4}
+    for a, b in itertools.combinations(sounds.values(), 2):
+        assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_size_is_loudness_and_vertical_motion_glides():
+    quiet, loud = world.render_audio(one(size=0.2)), world.render_audio(one(size=0.4))
+    assert np.abs(loud).max() == pytest.approx(2 * np.abs(quiet).max(), rel=0.02)
+    up = world.render_audio(one(motion="up"))
+    n = int(0.15 * world.SAMPLE_RATE)
+    assert _peak_hz(up[-n:]) / _peak_hz(up) == pytest.approx(2 ** (world.GLIDE_SEMITONES / 12), rel=0.03)
+
+
+def test_same_caption_scenes_sound_different():
+    scene = world.sample_scene(5)
+    other = world.scene_like(scene, 77)
+    assert not np.allclose(world.render_audio(scene), world.render_audio(other), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- errors and speed
+@pytest.mark.parametrize("make", [
+    lambda: one(colour="mauve"),
+    lambda: one(shape="hexagon"),
+    lambda: one(motion="spin"),
+    lambda: one(colour="blue", background="blue"),
+    lambda: one(position=(1.5, 0.2)),
+    lambda: one(shade=(50, 0, 0)),
+    lambda: world.sample_scene(-1),
+    lambda: world.sample_scene(1, things=[{"colour": "red"}], background="red"),
+    lambda: world.sample_scene(1, things=[{"hue": "red"}]),
+])
+def test_bad_input_is_a_world_error_naming_it(make):
+    with pytest.raises(WorldError) as err:
+        make()
+    assert len(str(err.value)) > 20
+
+
+def test_rendering_is_fast_enough_to_train_on_the_fly():
+    start = time.perf_counter()
+    for seed in range(100):
+        scene = world.sample_scene(seed)
+        world.render_video(scene), world.render_audio(scene)
+    per_minute = 100 / (time.perf_counter() - start) * 60
+    assert per_minute > 1000, per_minute  # ~12,000 measured on one shared core
+
+
+def test_split_holds_out_high_seeds():
+    assert world.split_of(0) == "train" and world.split_of(world.TEST_SEED_START) == "test"
