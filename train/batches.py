@@ -298,7 +298,7 @@ class Batches(Dataset):
 
     # ----------------------------------------------------------------- one sample
     def encode(self, s: Sample, root: Path) -> dict:
-        text, spans = render(self.config.system_prompt, s.turns)
+        text, spans = render(self.config.system_prompt, s.turns, self.config.chat_template, self.tokenizer)
         input_ids, labels = tokenize(self.tokenizer, text, spans, self.expand)
         if len(input_ids) > self.max_length:
             raise SampleTooLongError(f"{s.id}: {len(input_ids)} tokens > max_length {self.max_length}")
