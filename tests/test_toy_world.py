@@ -222,3 +222,62 @@ def test_rendering_is_fast_enough_to_train_on_the_fly():
 
 def test_split_holds_out_high_seeds():
     assert world.split_of(0) == "train" and world.split_of(world.TEST_SEED_START) == "test"
+
+
+# ----------------------------------------------------------------------------- the oracle
+def test_oracle_reads_clean_videos_exactly():
+    from xvila.toy import oracle
+
+    for seed in range(200):
+        scene = world.sample_scene(seed)
+        seen = oracle.read_video(world.render_video(scene))
+        assert seen.background == scene.background, seed
+        assert sorted(t.colour for t in seen.things) == sorted(t.colour for t in scene.things), seed
+        for thing in scene.things:
+            got = next(t for t in seen.things if t.colour == thing.colour)
+            assert (got.shape, got.motion) == (thing.shape, thing.motion), (seed, thing)
+            # the centroid of the drawn shape, from the world's own mask
+            ys, xs = np.nonzero(world.shape_mask(thing.shape, *thing.at(0.0)))
+            assert np.hypot(got.position[0] - (xs.mean() + 0.5) / 64, got.position[1] - (ys.mean() + 0.5) / 64) < 1 / 64
+
+
+def test_oracle_survives_blur_and_noise():
+    from PIL import ImageFilter
+
+    from xvila.toy import oracle
+
+    rng = np.random.default_rng(0)
+    right = {"background": 0, "colour": 0, "shape": 0}
+    scenes = [world.sample_scene(s, things=[{}]) for s in range(100)]
+    for scene in scenes:
+        image = world.render_image(scene).filter(ImageFilter.GaussianBlur(0.7))
+        noisy = np.clip(np.asarray(image) + rng.normal(0, 6, (64, 64, 3)), 0, 255).astype(np.uint8)
+        seen = oracle.read_image(noisy)
+        right["background"] += seen.background == scene.background
+        right["colour"] += seen.main is not None and seen.main.colour == scene.things[0].colour
+        right["shape"] += seen.main is not None and seen.main.shape == scene.things[0].shape
+    assert right["background"] == right["colour"] == 100 and right["shape"] >= 90, right
+
+
+def test_oracle_hears_colour_shape_and_glide():
+    from xvila.toy import oracle
+
+    for seed in range(150):
+        scene = world.sample_scene(seed)
+        heard = oracle.read_audio(world.render_audio(scene))
+        if len(scene.things) == 2:  # the louder thing's pitch
+            assert heard.colour in {t.colour for t in scene.things}, seed
+            continue
+        thing = scene.things[0]
+        assert (heard.colour, heard.shape) == (thing.colour, thing.shape), seed
+        assert heard.glide == {"up": "up", "down": "down"}.get(thing.motion, "none"), seed
+
+
+def test_oracle_on_silence_and_bad_shapes():
+    from xvila.toy import oracle
+
+    assert oracle.read_audio(np.zeros(16000, np.float32)).colour is None
+    with pytest.raises(ValueError, match="image"):
+        oracle.read_image(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match="video"):
+        oracle.read_video(np.zeros((64, 64, 3), np.uint8))
