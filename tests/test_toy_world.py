@@ -281,3 +281,97 @@ def test_oracle_on_silence_and_bad_shapes():
         oracle.read_image(np.zeros((64, 64), np.uint8))
     with pytest.raises(ValueError, match="video"):
         oracle.read_video(np.zeros((64, 64, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- the corpus
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from train.toy.corpus import CorpusSpec, build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    spec = CorpusSpec(videos=3, test_videos=2, scenes_per_video=3, seed=1)
+    build_corpus(out, spec, progress=False)
+    return out, spec
+
+
+def _annotation(out, split):
+    import json
+
+    return json.loads((out / f"{split}.json").read_text())
+
+
+def test_corpus_annotations_hold_out_whole_scenes(corpus):
+    out, spec = corpus
+    train, test = _annotation(out, "train"), _annotation(out, "test")
+    assert len(train) == 3 and len(test) == 2
+    train_seeds = [s for e in train.values() for s in e["seeds"]]
+    test_seeds = [s for e in test.values() for s in e["seeds"]]
+    assert all(s < world.TEST_SEED_START for s in train_seeds) and all(s >= world.TEST_SEED_START for s in test_seeds)
+    assert len(set(train_seeds)) == 9 and len(set(test_seeds)) == 6
+    for split, ann in (("train", train), ("test", test)):
+        for vid, e in ann.items():
+            assert (out / "videos" / split / f"{vid}.mp4").is_file()
+            assert e["sentences"] == [world.caption(world.sample_scene(s)) for s in e["seeds"]]
+            assert e["timestamps"] == [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]] and e["duration"] == 3.0
+
+
+def test_corpus_videos_show_and_sound_their_scenes(corpus):
+    from xvila import media
+    from xvila.toy import oracle
+
+    out, _ = corpus
+    for vid, e in _annotation(out, "test").items():
+        video = media.read_video(out / "videos" / "test" / f"{vid}.mp4", audio_sample_rate=world.SAMPLE_RATE)
+        assert video.frames.shape == (24, 64, 64, 3) and video.fps == world.FPS
+        assert video.audio.samples.shape[-1] == pytest.approx(3 * world.SAMPLE_RATE, abs=1200)
+        for k, seed in enumerate(e["seeds"]):
+            scene = world.sample_scene(seed)
+            seen = oracle.read_video(video.frames[8 * k : 8 * k + 8])
+            assert seen.background == scene.background
+            assert sorted(t.colour for t in seen.things) == sorted(t.colour for t in scene.things)
+            heard = oracle.read_audio(video.audio.samples[0, k * world.SAMPLE_RATE : (k + 1) * world.SAMPLE_RATE])
+            assert heard.colour in {t.colour for t in scene.things}
+
+
+def test_corpus_resumes_and_refuses_other_settings(corpus, tmp_path):
+    import shutil
+
+    from train.toy.corpus import CorpusError, CorpusSpec, build_corpus
+
+    out, spec = corpus
+    copy = tmp_path / "c"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("x2x*", "interleaved*"))
+    gone, kept = copy / "videos/train/train000001.mp4", copy / "videos/train/train000000.mp4"
+    gone.unlink()
+    before = kept.stat().st_mtime_ns
+    build_corpus(copy, spec, progress=False)
+    assert gone.is_file() and kept.stat().st_mtime_ns == before
+    with pytest.raises(CorpusError, match="other|built with"):
+        build_corpus(copy, CorpusSpec(videos=4, test_videos=2, scenes_per_video=3, seed=1), progress=False)
+
+
+def test_the_real_builders_run_on_the_corpus_unchanged(corpus):
+    import json
+
+    from train.builders import activitynet_sources, build_interleaved, build_x2x
+    from train.data import X2X_TYPES
+
+    out, _ = corpus
+    train = activitynet_sources(out / "train.json", "videos/train")
+    report = build_x2x(train, out, out / "x2x", heldout_rate=0)
+    assert report.done and not report.skipped.items
+    assert {t: report.counts[f"train/{t}"] for t in X2X_TYPES} == dict.fromkeys(X2X_TYPES, 9)
+    captions = {c for e in _annotation(out, "train").values() for c in e["sentences"]}
+    lines = (out / "x2x" / "conversations.jsonl").read_text().splitlines()
+    assert {o["caption"] for line in lines for o in json.loads(line)["outputs"]} == captions
+
+    held = build_x2x(activitynet_sources(out / "test.json", "videos/test"), out, out / "x2x-test",
+                     heldout_rate=1, heldout=(6,) * len(X2X_TYPES))
+    assert {t: held.counts[f"heldout/{t}"] for t in X2X_TYPES} == dict.fromkeys(X2X_TYPES, 6)
+
+    inter = build_interleaved(activitynet_sources(out / "train.json", "videos/train"), out, out / "interleaved")
+    assert inter.counts == {"videos": 3, "chunks": 9}
+    rows = [json.loads(x) for x in (out / "interleaved" / "interleaved.jsonl").read_text().splitlines()]
+    by_video = {e: a["sentences"] for e, a in _annotation(out, "train").items()}
+    for row in rows:  # chunk k is scene k
+        assert [c["caption"] for c in row["chunks"]] == by_video[row["id"].rsplit("/", 1)[-1]]
