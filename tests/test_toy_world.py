@@ -375,3 +375,19 @@ def test_the_real_builders_run_on_the_corpus_unchanged(corpus):
     by_video = {e: a["sentences"] for e, a in _annotation(out, "train").items()}
     for row in rows:  # chunk k is scene k
         assert [c["caption"] for c in row["chunks"]] == by_video[row["id"].rsplit("/", 1)[-1]]
+
+
+# ----------------------------------------------------------------------------- captions back to scenes
+def test_parse_caption_reads_every_sampled_caption_back():
+    for seed in SEEDS:
+        scene = world.sample_scene(seed)
+        assert world.parse_caption(world.caption(scene)) == world.attributes(scene)
+
+
+def test_a_request_gives_a_scene_it_describes():
+    scene = world.scene_from_caption("Draw a blue square on a yellow background.", 3)
+    assert scene.background == "yellow" and [(t.colour, t.shape) for t in scene.things] == [("blue", "square")]
+    assert world.parse_caption("a large red star growing") == {
+        "background": None, "things": [{"shape": "star", "colour": "red", "size": "large", "motion": "grow"}]}
+    with pytest.raises(WorldError, match="no world scene"):
+        world.parse_caption("a cat on a mat")

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -230,6 +231,39 @@ def describe_thing(thing: Thing) -> str:
 def caption(scene: Scene) -> str:
     things = " and ".join(describe_thing(t) for t in scene.things)
     return f"{things} on {_a(scene.background)} background"
+
+
+def parse_caption(text: str) -> dict:
+    """What a caption (or a request such as "draw a blue square on a yellow background")
+    says, as `attributes` gives it; words it does not name are left out of each thing:
+    {"background": "yellow", "things": [{"shape": "square", "colour": "blue"}]}."""
+    lowered = " ".join(text.lower().replace(",", " ").replace(".", " ").split())
+    background = re.search(r"\bon an? (\w+) background\b", lowered)
+    if background:
+        lowered = lowered[: background.start()]
+    things = []
+    for part in re.split(r"\band\b", lowered):
+        words = part.split()
+        spec = {"shape": _first(words, SHAPES), "colour": _first(words, COLOURS), "size": _first(words, SIZES),
+                "motion": next((m for m, phrase in MOTION_WORDS.items() if phrase in part), None)}
+        spec = {k: v for k, v in spec.items() if v is not None}
+        if "shape" in spec or "colour" in spec:
+            things.append(spec)
+    bg = background.group(1) if background else None
+    if not things or (bg is not None and bg not in COLOURS):
+        raise WorldError(f"no world scene in {text!r}: name a shape or colour ({', '.join(SHAPES)}; "
+                         f"{', '.join(COLOURS)}) and optionally 'on a <colour> background'")
+    return {"background": bg, "things": things[:2]}
+
+
+def _first(words: list[str], names) -> str | None:
+    return next((w for w in words if w in names), None)
+
+
+def scene_from_caption(text: str, seed: int) -> Scene:
+    """A scene that the caption (or request) describes; the rest drawn from `seed`."""
+    a = parse_caption(text)
+    return sample_scene(seed, things=a["things"], background=a["background"])
 
 
 # ----------------------------------------------------------------------------- sampling
