@@ -132,8 +132,7 @@ class XVila(nn.Module):
     @torch.no_grad()
     def encode_media(self, path: str, modality: str) -> MediaInput:
         """Decode, preprocess and encode one file; the result is cached in the chat history."""
-        load = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}[modality]
-        x = load(path)[None].to(self.device, self.imagebind_dtype)
+        x = pre.load(path, modality, self.imagebind.config)[None].to(self.device, self.imagebind_dtype)
         out = self.imagebind.encode({IB_KEY[modality]: x}, tokens=self.config.tokens_per_input[modality] > 1,
                                     vision_blocks=modality != AUDIO)
         embeds = self.project_media(modality, out.embeds[IB_KEY[modality]], out.tokens.get(IB_KEY[modality]))
