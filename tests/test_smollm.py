@@ -71,6 +71,7 @@ def test_a_failed_conversion_leaves_nothing_and_a_done_one_is_reused(tmp_path, m
         (out / "config.json").write_text("{}")
         raise RuntimeError("killed mid-way")
 
+    monkeypatch.setattr(smollm, "gguf_file_type", lambda path: smollm.GGUF_FILE_TYPE_Q4_1)  # checked above
     monkeypatch.setattr(smollm, "_convert", crash)
     with pytest.raises(RuntimeError):
         smollm.smollm2_folder(tmp_path)
