@@ -34,11 +34,28 @@ VARIANTS = 4  # same-caption scenes per group
 ARRAYS = ("video", "wave", "ib_frames", "ib_fbank")
 
 
-def group_scenes(group: int, seed_base: int = 0) -> list[world.Scene]:
-    """Group `group`'s scenes: a sampled scene and VARIANTS - 1 others with its caption."""
-    first = seed_base + group * VARIANTS
-    scene = world.sample_scene(first)
-    return [scene] + [world.scene_like(scene, first + j) for j in range(1, VARIANTS)]
+def same_caption(scene: world.Scene, seed: int, tries: int = 9) -> world.Scene:
+    """`world.scene_like`, retried with other seeds (seed + k * 10**8) when the drawn sizes
+    leave no room for two things."""
+    for k in range(tries):
+        try:
+            return world.scene_like(scene, seed + k * 10**8)
+        except world.WorldError:
+            if k == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def group_scenes(group: int, seed_base: int = 0, size: int = VARIANTS) -> list[world.Scene]:
+    """Group `group`'s scenes: a sampled scene and size - 1 others with its caption."""
+    first = seed_base + group * size
+    for k in range(10):  # a rare caption (two large moving things) may not fit again: take another
+        scene = world.sample_scene(first + k * 10**7)
+        try:
+            return [scene] + [same_caption(scene, first + j) for j in range(1, size)]
+        except world.WorldError:
+            continue
+    raise world.WorldError(f"group {group}: no caption that fits {size} times")
 
 
 def ib_fbank(wave: np.ndarray) -> np.ndarray:
