@@ -204,9 +204,10 @@ class Order:
 
 
 # ------------------------------------------------------------------------- features
-def preprocess(path: Path, modality: str) -> torch.Tensor:
-    """A medium decoded and preprocessed for ImageBind (what the FeatureCache would hold encoded)."""
-    return pre.load(path, modality)
+def preprocess(path: Path, modality: str, config=None) -> torch.Tensor:
+    """A medium decoded and preprocessed for the ImageBind built from `config` (what the
+    FeatureCache would hold encoded)."""
+    return pre.load(path, modality, config)
 
 
 def read_target(path: Path, modality: str, frames: int) -> np.ndarray:
@@ -248,6 +249,7 @@ class Batches(Dataset):
         self.make_samples, self.seed = make_samples, seed
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.config, self.tokenizer = model.config, model.tokenizer
+        self.imagebind_config = model.imagebind.config
         self.expand = {model.placeholder_ids[m]: model.config.tokens_per_input[m] for m in MEDIA_MODALITIES}
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         self.max_length, self.visual, self.want_targets, self.video_frames = max_length, visual, targets, video_frames
@@ -289,7 +291,7 @@ class Batches(Dataset):
 
     # ----------------------------------------------------------------- one sample
     def encode(self, s: Sample, root: Path) -> dict:
-        text, spans = render(self.config.system_prompt, s.turns)
+        text, spans = render(self.config.system_prompt, s.turns, self.config.chat_template, self.tokenizer)
         input_ids, labels = tokenize(self.tokenizer, text, spans, self.expand)
         if len(input_ids) > self.max_length:
             raise SampleTooLongError(f"{s.id}: {len(input_ids)} tokens > max_length {self.max_length}")
@@ -299,7 +301,7 @@ class Batches(Dataset):
                 f = self.features.get(rel)  # E_vis ("highway") only matters to phase 3b
                 row["inputs"].append((m, {k: v for k, v in f.items() if self.visual or k != "highway"}))
             else:
-                row["inputs"].append((m, {"pixels": preprocess(resolve(root, rel), m)}))
+                row["inputs"].append((m, {"pixels": preprocess(resolve(root, rel), m, self.imagebind_config)}))
         for n, (m, caption, rel) in enumerate(s.outputs):
             out = {"modality": m}
             if self.want_targets:

@@ -207,9 +207,9 @@ def _media_items(records_or_paths: Iterable, outputs: bool) -> Iterator[tuple[st
             yield media.media_kind(str(item)), str(item)
 
 
-def _load(root: Path, modality: str, rel: str) -> torch.Tensor | BaseException:
+def _load(root: Path, modality: str, rel: str, config) -> torch.Tensor | BaseException:
     try:
-        return pre.load(resolve(root, rel), modality)
+        return pre.load(resolve(root, rel), modality, config)
     except (media.MediaError, UnsafePathError) as err:
         return err
 
@@ -248,7 +248,7 @@ def build_feature_cache(records_or_paths: Iterable, root: str | os.PathLike, mod
                     break
             if not todo:
                 break
-            loaded = list((pool.map if pool else map)(lambda mr: _load(root, *mr), todo))
+            loaded = list((pool.map if pool else map)(lambda mr: _load(root, *mr, model.imagebind.config), todo))
             for modality in (IMAGE, VIDEO, AUDIO):
                 batch = [(rel, x) for (m, rel), x in zip(todo, loaded) if m == modality and isinstance(x, torch.Tensor)]
                 if batch:

@@ -280,7 +280,7 @@ class Chat:
         expand = {model.placeholder_ids[m]: k for m, k in model.config.tokens_per_input.items()}
         while True:
             turns = [Turn(r.user, [i.modality for i in r.inputs], r.assistant) for r in records]
-            text, spans = render(self.system_prompt, turns)
+            text, spans = render(self.system_prompt, turns, model.config.chat_template, model.tokenizer)
             ids, _ = tokenize(model.tokenizer, text, spans, expand)
             if len(ids) <= budget:
                 break

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
+from xvila.conversation import CHAT_TEMPLATES, VICUNA_TEMPLATE
 from xvila.errors import ConfigError
 
 VICUNA_SYSTEM = (
@@ -36,6 +37,9 @@ class XVilaConfig:
     dtype: str = "float16"  # weights' dtype on a GPU; a CPU always runs float32
     max_context: int = 4096
     system_prompt: str = VICUNA_SYSTEM
+    # "vicuna_v1.1" (FastChat's, X-VILA's) or "tokenizer": the LLM tokenizer's own chat
+    # template (apply_chat_template), e.g. SmolLM2's ChatML; see xvila.conversation.
+    chat_template: str = VICUNA_TEMPLATE
 
     # --- encoders ------------------------------------------------------------------------
     imagebind: str | None = "nielsr/imagebind-huge"
@@ -78,6 +82,8 @@ class XVilaConfig:
             raise ConfigError("llm=None (random weights) needs llm_config")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be float16, bfloat16 or float32, not {self.dtype!r}")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ConfigError(f"chat_template must be one of {CHAT_TEMPLATES}, not {self.chat_template!r}")
         if not 0.0 <= self.highway_alpha <= 1.0:
             raise ConfigError(f"highway_alpha must be in [0, 1], not {self.highway_alpha}")
 

@@ -153,7 +153,7 @@ class XVila(nn.Module):
     @torch.no_grad()
     def encode_media(self, path: str, modality: str) -> MediaInput:
         """Decode, preprocess and encode one file; the result is cached in the chat history."""
-        features = self.encode(modality, pre.load(path, modality)[None], highway=True)
+        features = self.encode(modality, pre.load(path, modality, self.imagebind.config)[None], highway=True)
         embeds = self.project_media(modality, features["pooled"], features.get("tokens"))
         highway = features["highway"][0] if "highway" in features else None
         return MediaInput(modality, embeds[0], highway, source=str(path))

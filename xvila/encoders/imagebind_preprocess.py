@@ -103,6 +103,7 @@ __all__ = [
     "load_image",
     "load_video",
     "load_audio",
+    "load",
 ]
 
 logger = logging.getLogger(__name__)
@@ -424,10 +425,10 @@ def audio_to_clips(
 # --------------------------------------------------------------------------------------
 
 
-def load_image(path) -> torch.Tensor:
-    """Image file -> ``[3, 224, 224]``."""
+def load_image(path, size: int = 224) -> torch.Tensor:
+    """Image file -> ``[3, size, size]`` (``[3, 224, 224]``)."""
 
-    return image_to_tensor(media.read_image(path))
+    return image_to_tensor(media.read_image(path), size)
 
 
 def _video_timeline(path) -> tuple[int, float, float] | None:
@@ -465,8 +466,8 @@ def _video_timeline(path) -> tuple[int, float, float] | None:
     return None
 
 
-def load_video(path, clip_duration: float = 2, clips_per_video: int = 5) -> torch.Tensor:
-    """Video file -> ``[clips_per_video * 3, 3, clip_duration, 224, 224]`` (``[15, 3, 2, 224, 224]``).
+def load_video(path, clip_duration: float = 2, clips_per_video: int = 5, size: int = 224) -> torch.Tensor:
+    """Video file -> ``[clips_per_video * 3, 3, clip_duration, size, size]`` (``[15, 3, 2, 224, 224]``).
 
     As the official loader: clips are spread over ``num_frames / avg_fps``, a clip holds the
     frames numbered ``ceil(fps * start) .. ceil(fps * end) - 1`` and keeps ``clip_duration``
@@ -497,17 +498,28 @@ def load_video(path, clip_duration: float = 2, clips_per_video: int = 5) -> torc
             except media.NoFramesError:
                 video = media.read_video(path, with_audio=False)
         times = video.times - first
-        out.append(video_frames_to_clips(video.frames, times, [(start, end)], frames_per_clip, fps=fps))
+        out.append(video_frames_to_clips(video.frames, times, [(start, end)], frames_per_clip, size, fps=fps))
     return torch.cat(out, dim=0)
 
 
-def load_audio(path, clip_duration: float = 2, clips_per_video: int = 3) -> torch.Tensor:
-    """Audio (or video) file -> ``[clips_per_video, 1, 128, 204]``, resampled to 16 kHz."""
-
+def load_audio(path, clip_duration: float = 2, clips_per_video: int = 3, num_mel_bins: int = 128,
+               target_length: int = 204) -> torch.Tensor:
+    """Audio (or video) file -> ``[clips_per_video, 1, num_mel_bins, target_length]``
+    (``[3, 1, 128, 204]``), resampled to 16 kHz."""
     audio = media.read_audio(path, sample_rate=IMAGEBIND_SAMPLE_RATE, mono=False)
-    return audio_to_clips(audio.samples, audio.sample_rate, clip_duration, clips_per_video)
+    return audio_to_clips(audio.samples, audio.sample_rate, clip_duration, clips_per_video, num_mel_bins, target_length)
 
 
-def load(path, modality: str) -> torch.Tensor:
-    """A file of `modality` ("image", "video" or "audio") decoded and preprocessed for ImageBind."""
-    return {IMAGE: load_image, VIDEO: load_video, AUDIO: load_audio}[modality](path)
+def load(path, modality: str, config=None) -> torch.Tensor:
+    """A file of `modality` ("image", "video", "audio") -> the input of an ImageBind built
+    from `config` (an `ImageBindConfig`; None: ImageBind-huge's 224 px, 128 x 204 mel).
+    Only the sizes follow the config; clip sampling is the official one."""
+    if modality == IMAGE:
+        return load_image(path) if config is None else load_image(path, config.image_size)
+    if modality == VIDEO:
+        return load_video(path) if config is None else load_video(path, size=config.image_size)
+    if modality == AUDIO:
+        if config is None:
+            return load_audio(path)
+        return load_audio(path, num_mel_bins=config.audio_num_mel_bins, target_length=config.audio_target_len)
+    raise ValueError(f"ImageBind preprocessing has no modality {modality!r}; use image, video or audio")

@@ -30,7 +30,6 @@ from xvila.encoders.imagebind import ImageBind
 from xvila.evaluation.stats import EvaluationError
 from xvila.model import XVila
 
-LOADERS = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}
 
 
 def imagebind_embed(model, modality: str, batch: torch.Tensor) -> torch.Tensor:
@@ -93,7 +92,7 @@ class Embedder:
             items = [(k, p) for k, p in todo.items() if k[0] == modality]
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
-                batch = torch.stack([LOADERS[modality](p) for _, p in chunk])
+                batch = torch.stack([pre.load(p, modality, imagebind_of(self.model).config) for _, p in chunk])
                 emb = torch.nn.functional.normalize(imagebind_embed(self.model, modality, batch), dim=-1).cpu()
                 for (k, _), e in zip(chunk, emb):
                     self.cache[k] = e

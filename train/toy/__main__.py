@@ -1,0 +1,50 @@
+"""The toy world's commands.
+
+    python -m train.toy base                  # train the base parts from nothing -> assets/toy/ (~1 h on 2 CPU cores)
+    python -m train.toy base --work DIR       # stage checkpoints there (default runs/toy-base); rerun to resume
+    python -m train.toy measure-base          # held-out measurements of assets/toy/ -> assets/toy/BASE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m train.toy", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    base = sub.add_parser("base", help="train the base parts and export them")
+    base.add_argument("--work", type=Path, default=Path("runs/toy-base"), help="stage checkpoints (resumable)")
+    base.add_argument("--out", type=Path, default=None, help="export folder (default assets/toy)")
+    base.add_argument("--groups", type=int, default=None, help="scene groups in the bank (trial runs)")
+    base.add_argument("--jobs", type=int, default=2, help="stage chains run in parallel (1: one process, 2 threads)")
+    base.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (trial runs)")
+    measure = sub.add_parser("measure-base", help="measure the exported base on held-out scenes -> BASE.md")
+    measure.add_argument("--base", type=Path, default=None, help="exported base (default assets/toy)")
+    measure.add_argument("--n", type=int, default=None, help="held-out scenes per measurement")
+    measure.add_argument("--report", type=Path, default=None, help="markdown to write (default <base>/BASE.md)")
+    args = parser.parse_args(argv)
+    if args.command == "base":
+        from train.toy import base as b
+
+        kwargs = {"work": args.work, "steps_scale": args.steps_scale, "jobs": args.jobs}
+        if args.out is not None:
+            kwargs["out"] = args.out
+        if args.groups is not None:
+            kwargs["groups"] = args.groups
+        b.run_base(**kwargs)
+        return 0
+    from train.toy import measure as m
+    from train.toy.base import ASSETS
+
+    folder = args.base or ASSETS
+    m.write_report(folder, args.report or folder / "BASE.md", **({"n": args.n} if args.n else {}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Trains the toy world's base parts from nothing and writes them to `assets/toy/`.
+
+    python -m train.toy base                       # all stages, then the export to assets/toy/
+    python -m train.toy base --work runs/toy-base  # where stages keep their checkpoints (the default)
+    python -m train.toy base --out /tmp/toy        # export somewhere else
+
+Stages, in order (each with a progress bar; a killed run resumes where it stopped, and a
+finished stage is skipped): the scene bank; ImageBind (vision, text, audio; contrastive and
+instance-level); the pixel VAE (shared by the image and video decoders) and the latents of
+every frame; the image U-Net with its CLIP text encoder; the mel VAE, the audio U-Net with
+its CLAP text encoder, and the vocoder (a SpeechT5 HiFi-GAN trained without a
+discriminator, on multi-resolution STFT and mel losses); the video U-Net; the export.
+
+The export writes fp16 safetensors in the layouts the real loaders read:
+`assets/toy/imagebind/` (`xvila.checkpoint.load_imagebind`; its folder also holds the CLIP
+tokenizer for `load_imagebind_tokenizer`) and `assets/toy/decoders/{image,video,audio}/`
+(`ImageDecoder / VideoDecoder / AudioDecoder.from_pretrained`), plus `base.json` (every
+stage's steps, losses, wall and CPU time).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.toy import binding
+from train.toy.bank import VARIANTS, Bank
+from train.toy.stages import Stage, finished, load_stage, run_stage
+from xvila.checkpoint import save_imagebind, write_json
+from xvila.decoders.base import denoising_loss
+from xvila.encoders.clip_tokenizer import ImageBindTokenizer
+from xvila.toy import world
+from xvila.toy.parts import SIZES, LogMel, ToyParts
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
+WORK = Path("runs/toy-base")
+GROUPS = 512  # x VARIANTS scenes in the bank
+# (steps, batch, learning rate) per stage: sized for well under an hour on two CPU cores.
+PLAN = {
+    "imagebind": (1200, 16 * VARIANTS, 5e-4),
+    "pixel_vae": (500, 16, 1e-3),
+    "image_unet": (700, 32, 4e-4),
+    "mel_vae": (400, 32, 1e-3),
+    "audio_unet": (600, 32, 4e-4),
+    "vocoder": (1000, 16, 1e-3),
+    "video_unet": (250, 8, 4e-4),
+}
+EMPTY_P = 0.1  # captions dropped for classifier-free guidance
+AUDIO_FRAMES = 100  # mel frames of the 1 s sound: what AudioDecoder.latent_shape asks for 1 s
+
+
+def world_words() -> list[str]:
+    """Every word a caption or a prompt can hold: the tokenizers' vocabulary."""
+    words = {"a", "an", "and", "on", "background", "thing", *world.SHAPES, *world.COLOURS, *world.SIZES}
+    for phrase in world.MOTION_WORDS.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def _idx(g: torch.Generator, n: int, batch: int) -> np.ndarray:
+    return torch.randint(n, (batch,), generator=g).numpy()
+
+
+def _drop(captions: list[str], g: torch.Generator) -> list[str]:
+    keep = torch.rand(len(captions), generator=g) >= EMPTY_P
+    return [c if k else "" for c, k in zip(captions, keep)]
+
+
+def _clip_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+# ------------------------------------------------------------------------------ ImageBind
+def imagebind_stage(parts: ToyParts, bank: Bank) -> Stage:
+    steps, batch, lr = PLAN["imagebind"]
+    ib, tok = parts.imagebind, ImageBindTokenizer(parts.ib_tokenizer, 77)
+
+    def step(i, g):
+        groups = torch.randperm(bank.groups, generator=g)[: batch // VARIANTS].numpy()
+        idx = (groups[:, None] * VARIANTS + np.arange(VARIANTS)).reshape(-1)
+        specs = [binding.sample_text(bank.attributes[j], bank.captions[j], g) for j in idx]
+        match = torch.tensor([[binding.fits(s, bank.attributes[j], bank.captions[j]) for j in idx] for s in specs])
+        image = ib({"vision": bank.ib_vision(idx, video=False)})["vision"]
+        video = ib({"vision": bank.ib_vision(idx, video=True)[:, None]})["vision"]
+        audio = ib({"audio": bank.ib_audio(idx)})["audio"]
+        text = ib({"text": tok([binding.text_of(s) for s in specs])})["text"]
+        losses = [binding.multi_positive_nce(text, m, match) for m in (image, video, audio)]
+        losses += [binding.instance_nce(a, b) for a, b in ((image, video), (image, audio), (video, audio))]
+        return sum(losses) / len(losses)
+
+    return Stage("imagebind", {"imagebind": ib}, step, steps, lr, seed=1, warmup=100, weight_decay=0.05)
+
+
+# ------------------------------------------------------------------------------ VAEs
+def _vae_loss(vae, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    post = vae.encode(x).latent_dist
+    recon = vae.decode(post.sample(generator=g)).sample
+    return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+
+
+@torch.no_grad()
+def _encode_all(vae, x_of, n: int, batch: int = 256) -> np.ndarray:
+    """Posterior means of items 0..n-1 (`x_of(slice)` gives their VAE inputs), float16."""
+    out = [vae.encode(x_of(slice(i, min(i + batch, n)))).latent_dist.mode().half().numpy() for i in range(0, n, batch)]
+    return np.concatenate(out)
+
+
+def pixel_vae_stage(parts: ToyParts, bank: Bank, work: Path) -> Stage:
+    steps, batch, lr = PLAN["pixel_vae"]
+    vae = parts.image.vae
+
+    def step(i, g):
+        idx = _idx(g, len(bank), batch)
+        return _vae_loss(vae, bank.pixels(idx, torch.randint(world.FRAMES, (batch,), generator=g).numpy()), g)
+
+    def finish():
+        frames = bank.video.reshape(-1, *bank.video.shape[2:])  # [N*T, H, W, 3]
+        lat = _encode_all(vae, lambda s: torch.from_numpy(np.array(frames[s])).permute(0, 3, 1, 2).float()
+                          / 127.5 - 1, len(frames))
+        np.save(work / "pixel_latents.npy", lat.reshape(len(bank), world.FRAMES, *lat.shape[1:]))
+        return {"scaling_factor": float(1 / lat.astype(np.float32).std())}
+
+    return Stage("pixel_vae", {"vae": vae}, step, steps, lr, seed=2, finish=finish)
+
+
+def mel_vae_stage(parts: ToyParts, bank: Bank, work: Path, logmel: LogMel) -> Stage:
+    steps, batch, lr = PLAN["mel_vae"]
+    vae = parts.audio.vae
+
+    def mels(idx_or_slice) -> torch.Tensor:
+        return logmel(torch.from_numpy(np.array(bank.wave[idx_or_slice])))[:, None, :AUDIO_FRAMES]
+
+    def finish():
+        lat = _encode_all(vae, mels, len(bank))
+        np.save(work / "mel_latents.npy", lat)
+        return {"scaling_factor": float(1 / lat.astype(np.float32).std())}
+
+    return Stage("mel_vae", {"vae": vae}, lambda i, g: _vae_loss(vae, mels(_idx(g, len(bank), batch)), g),
+                 steps, lr, seed=3, finish=finish)
+
+
+# ------------------------------------------------------------------------------ U-Nets
+def image_unet_stage(parts: ToyParts, bank: Bank, latents: np.ndarray) -> Stage:
+    steps, batch, lr = PLAN["image_unet"]
+    dec = parts.image
+
+    def step(i, g):
+        idx = _idx(g, len(bank), batch)
+        x0 = torch.from_numpy(latents[idx, 0].astype(np.float32)) * dec.vae.config.scaling_factor
+        e = dec.text_encoder(_clip_ids(dec.tokenizer, _drop([bank.captions[j] for j in idx], g)))[0]
+        return denoising_loss(dec, x0, e, generator=g)
+
+    return Stage("image_unet", {"unet": dec.unet, "text_encoder": dec.text_encoder}, step, steps, lr, seed=4)
+
+
+def video_unet_stage(parts: ToyParts, bank: Bank, latents: np.ndarray) -> Stage:
+    steps, batch, lr = PLAN["video_unet"]
+    dec = parts.video  # its VAE and text encoder are the image decoder's, trained and frozen
+
+    def step(i, g):
+        idx = _idx(g, len(bank), batch)
+        x0 = torch.from_numpy(latents[idx].astype(np.float32)).transpose(1, 2) * dec.vae.config.scaling_factor
+        with torch.no_grad():
+            e = dec.text_encoder(_clip_ids(dec.tokenizer, _drop([bank.captions[j] for j in idx], g)))[0]
+        return denoising_loss(dec, x0, e, generator=g)
+
+    return Stage("video_unet", {"unet": dec.unet}, step, steps, lr, seed=5)
+
+
+def clap_embed(dec, captions: list[str]) -> torch.Tensor:
+    """AudioDecoder.encode_text with gradients: normalised CLAP text embeddings [B, 1, D]."""
+    tokens = dec.tokenizer(captions, padding="max_length", max_length=dec.tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+    out = dec.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)
+    return F.normalize(out.text_embeds, dim=-1)[:, None]
+
+
+def audio_unet_stage(parts: ToyParts, bank: Bank, latents: np.ndarray) -> Stage:
+    steps, batch, lr = PLAN["audio_unet"]
+    dec = parts.audio
+
+    def step(i, g):
+        idx = _idx(g, len(bank), batch)
+        x0 = torch.from_numpy(latents[idx].astype(np.float32)) * dec.vae.config.scaling_factor
+        return denoising_loss(dec, x0, clap_embed(dec, _drop([bank.captions[j] for j in idx], g)), generator=g)
+
+    return Stage("audio_unet", {"unet": dec.unet, "text_encoder": dec.text_encoder}, step, steps, lr, seed=6)
+
+
+# ------------------------------------------------------------------------------ vocoder
+STFT_RESOLUTIONS = ((256, 64), (512, 128), (1024, 256))
+SEGMENT = 32  # mel frames per training segment
+
+
+def stft_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Multi-resolution STFT loss (spectral convergence + log magnitude), as Parallel WaveGAN."""
+    loss = 0.0
+    for n_fft, hop in STFT_RESOLUTIONS:
+        window = torch.hann_window(n_fft)
+        sy = torch.stft(y, n_fft, hop, window=window, return_complex=True).abs().clamp(min=1e-5)
+        sx = torch.stft(x, n_fft, hop, window=window, return_complex=True).abs().clamp(min=1e-5)
+        loss = loss + torch.linalg.norm(sx - sy) / torch.linalg.norm(sx) + F.l1_loss(sy.log(), sx.log())
+    return loss / len(STFT_RESOLUTIONS)
+
+
+def vocoder_stage(parts: ToyParts, bank: Bank, logmel: LogMel) -> Stage:
+    steps, batch, lr = PLAN["vocoder"]
+    voc, hop = parts.audio.vocoder, SIZES.hop
+
+    def step(i, g):
+        idx = _idx(g, len(bank), batch)
+        start = int(torch.randint(AUDIO_FRAMES - SEGMENT, (1,), generator=g))
+        wave = bank.waves(idx)
+        mel = logmel(wave)[:, start:start + SEGMENT]
+        target = wave[:, start * hop:(start + SEGMENT) * hop]
+        y = voc(mel)
+        return stft_loss(y, target) + F.l1_loss(logmel(y)[:, 2:SEGMENT - 2], mel[:, 2:-2])
+
+    return Stage("vocoder", {"vocoder": voc}, step, steps, lr, seed=7, warmup=100)
+
+
+# ------------------------------------------------------------------------------ the run
+STAGE_MODULES = {  # what each finished stage's file holds, to reload it into fresh parts
+    "imagebind": lambda p: {"imagebind": p.imagebind},
+    "pixel_vae": lambda p: {"vae": p.image.vae},
+    "image_unet": lambda p: {"unet": p.image.unet, "text_encoder": p.image.text_encoder},
+    "mel_vae": lambda p: {"vae": p.audio.vae},
+    "audio_unet": lambda p: {"unet": p.audio.unet, "text_encoder": p.audio.text_encoder},
+    "vocoder": lambda p: {"vocoder": p.audio.vocoder},
+    "video_unet": lambda p: {"unet": p.video.unet},
+}
+# Two independent chains, one process (one thread) each: on two cores this is faster than
+# one process with two threads, and far faster when other work shares the cores (threads
+# that wait for each other's core spin).
+CHAINS = (("imagebind", "mel_vae", "audio_unet", "vocoder"), ("pixel_vae", "image_unet", "video_unet"))
+
+
+def _set_scaling_factor(parts: ToyParts, name: str, meta: dict) -> None:
+    if "scaling_factor" in meta:
+        next(iter(STAGE_MODULES[name](parts).values())).register_to_config(scaling_factor=meta["scaling_factor"])
+
+
+def load_finished(parts: ToyParts, work: Path) -> dict:
+    """Every finished stage's weights into `parts` (VAE scaling factors included)."""
+    metas = {}
+    for name, modules in STAGE_MODULES.items():
+        if finished(work, name):
+            metas[name] = load_stage(work, name, modules(parts))
+            _set_scaling_factor(parts, name, metas[name])
+    return metas
+
+
+def _make_stage(name: str, parts: ToyParts, bank: Bank, work: Path, logmel: LogMel) -> Stage:
+    if name == "imagebind":
+        return imagebind_stage(parts, bank)
+    if name in ("pixel_vae", "mel_vae"):
+        return pixel_vae_stage(parts, bank, work) if name == "pixel_vae" else mel_vae_stage(parts, bank, work, logmel)
+    if name == "vocoder":
+        return vocoder_stage(parts, bank, logmel)
+    vae_stage, latents_file = ("mel_vae", "mel_latents.npy") if name == "audio_unet" else ("pixel_vae", "pixel_latents.npy")
+    if not (work / latents_file).is_file():  # the VAE stage finished but its latents were lost
+        _make_stage(vae_stage, parts, bank, work, logmel).finish()
+    latents = np.load(work / latents_file, mmap_mode="r")
+    make = {"image_unet": image_unet_stage, "video_unet": video_unet_stage, "audio_unet": audio_unet_stage}[name]
+    return make(parts, bank, latents)
+
+
+def run_chain(chain: tuple[str, ...], work: Path, plan: dict, threads: int = 1) -> None:
+    """One chain's stages in order, in this process (the finished ones are loaded)."""
+    torch.set_num_threads(threads)
+    PLAN.update(plan)
+    work = Path(work)
+    bank, parts, logmel = Bank.load(work / "bank"), ToyParts.build(world_words()), LogMel()
+    load_finished(parts, work)
+    for name in chain:
+        meta = run_stage(_make_stage(name, parts, bank, work, logmel), work, lambda m: print(m, flush=True))
+        _set_scaling_factor(parts, name, meta)
+
+
+def run_base(work: Path = WORK, out: Path = ASSETS, log=print, groups: int = GROUPS, steps_scale: float = 1.0,
+             jobs: int = 2) -> dict:
+    """The bank, every chain (in `jobs` processes), then the export. `groups` and
+    `steps_scale` shrink a trial run."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {k: (max(2, round(n * steps_scale)), b, lr) for k, (n, b, lr) in PLAN.items()}
+    t0, c0 = time.perf_counter(), time.process_time()
+    bank_dir = work / "bank"
+    if not (bank_dir / "captions.json").is_file():
+        Bank.build(bank_dir, groups)
+    bank_wall = time.perf_counter() - t0
+    if jobs > 1:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=run_chain, args=(chain, work, plan), name=chain[0]) for chain in CHAINS]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.name for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"the stage chains starting with {failed} failed (see above); rerun to resume")
+    else:
+        for chain in CHAINS:
+            run_chain(chain, work, plan, threads=2)
+    parts = ToyParts.build(world_words())
+    metas = {"bank": {"wall_s": bank_wall, "scenes": len(Bank.load(bank_dir))}, **load_finished(parts, work)}
+    metas["total"] = {"wall_s": time.perf_counter() - t0, "jobs": jobs}
+    export(parts, out, metas)
+    log(f"base written to {out} in {metas['total']['wall_s'] / 60:.1f} min wall")
+    return metas
+
+
+def export(parts: ToyParts, out: Path, metas: dict) -> Path:
+    """Every part in fp16, in the layouts the real loaders read."""
+    out = Path(out)
+    with torch.no_grad():
+        save_imagebind(parts.imagebind.half(), out / "imagebind")
+        parts.ib_tokenizer.save_pretrained(str(out / "imagebind"))
+        for m in ("image", "video", "audio"):
+            getattr(parts, m).half().save_pretrained(out / "decoders" / m)
+    write_json({"sizes": SIZES.__dict__, "groups": metas["bank"]["scenes"] // VARIANTS, "variants": VARIANTS, "plan": PLAN, "stages": metas},
+               out / "base.json")
+    return out
+
+
+def load_base(folder: Path = ASSETS, device: str = "cpu") -> dict:
+    """The exported base through the real loaders: {"imagebind", "ib_tokenizer", "image", "video", "audio"}."""
+    from xvila.checkpoint import load_imagebind, load_imagebind_tokenizer
+    from xvila.decoders.audio import AudioDecoder
+    from xvila.decoders.image import ImageDecoder
+    from xvila.decoders.video import VideoDecoder
+
+    folder = Path(folder)
+    return {
+        "imagebind": load_imagebind(folder / "imagebind", device=device, dtype=torch.float32),
+        "ib_tokenizer": load_imagebind_tokenizer(folder / "imagebind"),
+        "image": ImageDecoder.from_pretrained(folder / "decoders" / "image", device=device),
+        "video": VideoDecoder.from_pretrained(folder / "decoders" / "video", device=device),
+        "audio": AudioDecoder.from_pretrained(folder / "decoders" / "audio", device=device),
+    }
+
+
+def base_report(folder: Path = ASSETS) -> dict:
+    return json.loads((Path(folder) / "base.json").read_text())
