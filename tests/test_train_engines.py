@@ -7,6 +7,9 @@
   same weights as 1 process: with the global batch fixed, rank r's micro-batch k is the
   1-process run's micro-batch 2k+r (`train.batches`), phase 1's losses draw no random
   numbers, and DDP's mean over ranks is the 1-process mean over accumulated micro-batches.
+- Phase 1 under DeepSpeed ZeRO-2 in bf16 (one CPU process): checkpoints hold the float32
+  masters DeepSpeed keeps in its optimiser (it casts the module itself to bf16), and a
+  resumed run ends bit-identical to one never stopped.
 """
 
 from __future__ import annotations
@@ -118,3 +121,47 @@ def test_two_cpu_processes_under_accelerate_train_the_same_weights_as_one(world,
     assert len(moved) > len(one) // 2  # the run did train
     for n in one:  # equal up to the order of float additions (all-reduce vs accumulation)
         torch.testing.assert_close(two[n], one[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------ DeepSpeed ZeRO-2, bf16
+
+
+def deepspeed_phase1(cfg: dict, tmp: Path, resume: bool = False) -> None:
+    path = tmp / f"ds-{len(list(tmp.glob('ds-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(REPO / "tests" / "deepspeed_run.py"), str(path)] + (["--resume"] if resume else [])
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_deepspeed_bf16_checkpoints_hold_the_float32_masters_and_resume_exactly(world, tmp_path):
+    """DeepSpeed casts the whole module to bf16 and keeps the float32 masters in its ZeRO
+    optimiser: at a small lr the bf16 copies do not move, the masters do. Checkpoints must
+    hold the masters, and a run resumed from one ends as the run never stopped."""
+    import shutil
+
+    base = config(world, tmp_path, "1", MANIFESTS["1"], steps=4, global_batch=4, micro_batch=4, lr=1e-6,
+                  save_every=2, keep_last=5, mixed_precision="bf16")
+    whole = tmp_path / "whole"
+    deepspeed_phase1({**base, "out_dir": str(whole)}, tmp_path)
+    ckpt = whole / "checkpoints"
+    at2, at4 = (load_file(ckpt / f"step-00000{s}" / "trainable.safetensors") for s in (2, 4))
+    assert {v.dtype for v in at4.values()} == {torch.float32}
+    p_in = [n for n in at4 if n.startswith("p_in.")]
+    moved = [n for n in p_in if not torch.equal(at4[n], at2[n])]
+    assert moved == p_in  # the masters moved, and mostly by less than bf16 can show:
+    hidden = sum(int((at4[n].bfloat16() == at2[n].bfloat16()).sum()) for n in p_in)
+    assert hidden > 0.5 * sum(at4[n].numel() for n in p_in)
+    # the module's bf16 copies would have been saved as values bf16 represents exactly
+    assert all(not torch.equal(at4[n], at4[n].bfloat16().float()) for n in p_in)
+
+    resumed = tmp_path / "resumed"  # the same run, stopped after its step-2 checkpoint
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "final")
+    deepspeed_phase1({**base, "out_dir": str(resumed)}, tmp_path, resume=True)
+    for name in ("trainable.safetensors", "optimizer-rank0.safetensors"):
+        a, b = load_file(ckpt / "step-000004" / name), load_file(resumed / "checkpoints" / "step-000004" / name)
+        assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], name
