@@ -62,6 +62,8 @@ def main() -> None:
     model = load(args.preset, device)
     chat = model.new_chat()
     chat.engine = Engine(model, static_cache=args.static_cache, compile=args.compile)
+    if args.static_cache or args.compile:
+        chat.engine.warm_up()  # compiles and allocates the one cache every run reuses
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "photo.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(image)

@@ -253,6 +253,30 @@ class Objective(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+# ---------------------------------------------------------------- DeepSpeed
+# With bf16 (or fp16) on, DeepSpeed casts every parameter of the module to 16 bits at
+# `prepare`, the float32 masters `train_in_float32` made included, and keeps the float32
+# masters of what trains in its ZeRO optimiser (the update lands there, then a 16-bit copy
+# in the module). So checkpoints take the masters from the optimiser, not the module:
+# at phase 3b's lr of 1e-6 the 16-bit copies do not move at all.
+
+
+def deepspeed_masters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float32 master of every trainable parameter (a collective: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in trainable(model).items()}
+
+
+def storable_zero_state(state: dict) -> dict:
+    """A ZeRO-1/2 optimiser state without its Python objects: the loss scaler (static for
+    bf16; the engine's own is kept on load) and the parameter-slice map (only DeepSpeed's
+    universal checkpoints read it)."""
+    state = {k: v for k, v in state.items() if k not in ("loss_scaler", "param_slice_mappings")}
+    state["zero_stage"] = int(state["zero_stage"])
+    return state
+
+
 # ---------------------------------------------------------------- nested state <-> safetensors
 def _flatten(obj, prefix: str, tensors: dict):
     """A nested structure of dicts/lists/tensors/numbers -> JSON skeleton + flat tensors."""
@@ -528,11 +552,13 @@ class Run:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.objective).model
-        if acc.is_main_process:
-            write_safetensors({n: p.detach() for n, p in trainable(model).items()}, tmp / "trainable.safetensors")
         sharded = acc.state.deepspeed_plugin is not None  # ZeRO partitions the optimiser state per rank
+        weights = deepspeed_masters(model) if sharded else {n: p.detach() for n, p in trainable(model).items()}
+        if acc.is_main_process:
+            write_safetensors(weights, tmp / "trainable.safetensors")
         if sharded or acc.is_main_process:
-            save_nested(self.optimizer.state_dict(), tmp / (f"optimizer-rank{self.rank}" if sharded else "optimizer"))
+            state = storable_zero_state(self.optimizer.optimizer.state_dict()) if sharded else self.optimizer.state_dict()
+            save_nested(state, tmp / (f"optimizer-rank{self.rank}" if sharded else "optimizer"))
         save_nested(rng_state(), tmp / f"rng-rank{self.rank}")
         positions = [self.progress.position]
         if self.world > 1:
@@ -583,7 +609,14 @@ class Run:
             for name, p in params.items():
                 p.copy_(saved[name])
         stem = folder / (f"optimizer-rank{self.rank}" if state["sharded_optimizer"] else "optimizer")
-        self.optimizer.load_state_dict(load_nested(stem))
+        if state["sharded_optimizer"]:
+            # ZeRO reads one state per data-parallel rank, by rank; with its float32 masters
+            # (not rebuilt from the 16-bit module weights, which would lose what they hold).
+            shards = [None] * self.world
+            shards[self.rank] = load_nested(stem)
+            self.optimizer.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(load_nested(stem))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(load_nested(folder / f"rng-rank{self.rank}"))
         self.progress = Progress(state["step"], state["positions"][self.rank],

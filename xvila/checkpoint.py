@@ -44,8 +44,7 @@ XVILA_WEIGHTS = "xvila.safetensors"
 
 
 def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
-    # Half precision is for accelerators; a CPU runs (and tests) in float32.
-    return getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
+    return config.torch_dtype(device)
 
 
 def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str, str | None]]:
@@ -81,7 +80,7 @@ def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size
         if device.type != "cuda":
             raise WeightsUnavailableError(f"{config.name}: 4-bit loading needs a CUDA GPU (bitsandbytes)")
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     if device.type == "cuda":  # straight onto the GPU, not through a CPU copy
         kwargs["device_map"] = {"": device.index or 0}

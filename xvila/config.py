@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import torch
+
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
 from xvila.conversation import CHAT_TEMPLATES, VICUNA_TEMPLATE
 from xvila.errors import ConfigError
@@ -33,8 +35,10 @@ class XVilaConfig:
     llm: str | None = "lmsys/vicuna-7b-v1.5"
     llm_revision: str | None = "refs/pr/3"  # the safetensors conversion of Vicuna-7B-1.5
     llm_config: dict | None = None  # LlamaConfig kwargs when `llm` is None (random weights)
-    load_in_4bit: bool = False  # NF4 with double quantisation, bf16 compute (QLoRA)
-    dtype: str = "float16"  # weights' dtype on a GPU; a CPU always runs float32
+    load_in_4bit: bool = False  # NF4 with double quantisation, computing in `dtype` (QLoRA)
+    # Weights' (and 4-bit compute) dtype on a GPU; a CPU always runs float32, and a GPU
+    # without bfloat16 (before Ampere: T4, V100) runs float16 instead (`torch_dtype`).
+    dtype: str = "float16"
     max_context: int = 4096
     system_prompt: str = VICUNA_SYSTEM
     # "vicuna_v1.1" (FastChat's, X-VILA's) or "tokenizer": the LLM tokenizer's own chat
@@ -114,6 +118,17 @@ class XVilaConfig:
 
     def replace(self, **changes) -> "XVilaConfig":
         return replace(self, **changes)
+
+    def torch_dtype(self, device: str | torch.device) -> torch.dtype:
+        """The dtype the model runs in on `device`: `dtype` on a GPU, float16 where `dtype`
+        asks for bfloat16 and the GPU lacks it, float32 on a CPU (half precision is for
+        accelerators; the tests run in float32)."""
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        # Emulated bfloat16 (which torch counts as support by default) is slow: native only.
+        if self.dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.float16
+        return getattr(torch, self.dtype)
 
     def gen_token_names(self, modality: str) -> list[str]:
         tag = {IMAGE: "IMG", VIDEO: "VID", AUDIO: "AUD"}[modality]

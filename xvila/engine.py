@@ -14,6 +14,13 @@
 
 With `static_cache=True` the KV cache is a preallocated `StaticCache` (fixed shapes, the
 precondition for `torch.compile` of the one-token step, which `compile=True` adds on CUDA).
+One such cache serves every turn of the engine (of its chat): it is reset, never rebuilt,
+so a compiled step's CUDA graphs, recorded against its buffers, are recorded once;
+`warm_up()` does that recording (and the compilation) before the first turn.
+
+While a turn is decoded the new tokens' embedding and LM-head rows are merged into the
+base matrices (`xvila.llm.merged_new_tokens`): peft would otherwise rebuild both whole
+matrices on every forward.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from xvila.constants import MEDIA_MODALITIES
+from xvila.llm import merged_new_tokens
 
 
 @dataclass
@@ -53,15 +61,38 @@ class Engine:
         self.later_ids = [i for ids in self.gen_ids.values() for i in ids[1:]]
         self.placeholder_ids = list(model.placeholder_ids.values())
         self.static_cache = static_cache or compile
+        self._cache: StaticCache | None = None
+        self._cache_len = 0
+        self.caches_built = 0  # static caches constructed so far (one per engine, unless outgrown)
         self._step = self._forward
         if compile and model.device.type == "cuda":
             self._step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
 
     def _new_cache(self, max_len: int):
-        if self.static_cache:
-            base = self.model.llm.get_base_model()
-            return StaticCache(config=base.config, max_cache_len=max_len)
-        return DynamicCache()
+        if not self.static_cache:
+            return DynamicCache()
+        if self._cache is not None and self._cache_len >= max_len:
+            self._cache.reset()  # zeroes the buffers in place: their addresses stay the same
+            return self._cache
+        base = self.model.llm.get_base_model()
+        self._cache, self._cache_len = StaticCache(config=base.config, max_cache_len=max_len), max_len
+        self.caches_built += 1
+        return self._cache
+
+    def warm_up(self, progress: Callable[[str], None] | None = print, new_tokens: int = 3) -> None:
+        """One short greedy turn, so that compiling the step and recording its CUDA graphs
+        happen at start-up rather than in the first reply. The static cache it allocates
+        (the model's whole context) is the one every later turn reuses."""
+        if progress:
+            progress("warming up the decode loop (compiling it the first time; this can take a minute)...")
+        ids = self.model.tokenizer("Hello", return_tensors="pt")["input_ids"].to(self.model.device)
+        with torch.inference_mode():
+            embeds = self.model.embed_tokens(ids)
+        sampling = Sampling(max_new_tokens=new_tokens, temperature=0.0, min_new_tokens=new_tokens)
+        for _ in self.generate(embeds, sampling, output="text"):
+            pass
+        if progress:
+            progress("decode loop ready")
 
     def _forward(self, cache, positions: torch.Tensor, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         # Positions come in as a tensor so that a compiled step does not specialise on them.
@@ -72,8 +103,12 @@ class Engine:
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, sampling: Sampling, output: str | None = None, seed: int = 0,
                  max_context: int | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
-        device = inputs_embeds.device
         max_context = max_context or self.model.config.max_context
+        with merged_new_tokens(self.model.llm):
+            yield from self._generate(inputs_embeds, sampling, output, seed, max_context, should_stop)
+
+    def _generate(self, inputs_embeds, sampling, output, seed, max_context, should_stop) -> Iterator[Step]:
+        device = inputs_embeds.device
         cache = self._new_cache(max_context)
         rng = torch.Generator(device=device).manual_seed(seed)
         pos = inputs_embeds.shape[1]

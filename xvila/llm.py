@@ -12,10 +12,14 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import AutoTokenizer
 
 from xvila.config import XVilaConfig
@@ -46,6 +50,53 @@ def wrap_lora(llm, config: XVilaConfig, new_token_ids: list[int]) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(llm, lora)
+
+
+_merge_lock = threading.Lock()
+_merge_users: dict[int, int] = {}  # id(llm) -> generations running with its rows merged
+
+
+@contextmanager
+def merged_new_tokens(llm):
+    """The new tokens' rows merged into the embedding and LM-head matrices for as long as
+    the block runs (decoding), then taken out again (training sees the trainable rows).
+
+    Unmerged, peft's trainable-tokens layer builds a merged copy of the whole matrix on
+    every forward (`get_merged_weights`: 2 x 32k x 4096 for Vicuna, about 1 GB of memory
+    traffic per token); merged, a forward reads the base matrix as it is. Concurrent
+    generations (the demo's `--concurrency`) share one merge, counted, so that the first
+    to finish does not unmerge under the others."""
+    layers = [m for m in llm.modules() if isinstance(m, TrainableTokensLayer)]
+    key = id(llm)
+    with _merge_lock:
+        if layers and _merge_users.get(key, 0) == 0:
+            _in_place(layers, "merge")
+        _merge_users[key] = _merge_users.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _merge_lock:
+            _merge_users[key] -= 1
+            if layers and _merge_users[key] == 0:
+                _in_place(layers, "unmerge")
+                del _merge_users[key]
+
+
+def _in_place(layers, action: str) -> None:
+    """Writes the new rows into the base matrix where it lies (peft's `merge` builds a new
+    matrix: a new address each turn, which would make a compiled step re-record its CUDA
+    graphs); peft's own `unmerge` then restores the original rows, also in place. Outside
+    inference mode, so the weights stay ordinary tensors that training can use later."""
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in layers:
+            if action == "merge" and not layer.merged and not layer.disable_adapters:
+                weight = layer.base_layer.weight
+                for name in layer.active_adapters:
+                    index = torch.tensor(layer.token_indices[name], device=weight.device)
+                    weight.index_copy_(0, index, layer.trainable_tokens_delta[name].to(weight))
+                    layer.merged_adapters.append(name)
+            elif action == "unmerge" and layer.merged:
+                layer.unmerge()
 
 
 # ---------------------------------------------------------------------------- toy tokenizer

@@ -155,7 +155,8 @@ class Decoder(nn.Module):
         ([H, W, C], or [S, H, W, C] for a video); None for a decoder without a controller."""
         if self.controller is None:
             return None
-        return self.controller(prepare_e_vis(e_vis).to(self.device, self.dtype), latent_shape)
+        # E_vis keeps its float32: the controller normalises it before its own dtype.
+        return self.controller(prepare_e_vis(e_vis).to(self.device), latent_shape)
 
 
 def resize_center_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -260,7 +261,7 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
     noisy = decoder.scheduler.add_noise(x0, noise, t)
     extra = {}
     if e_vis is not None and decoder.controller is not None:
-        down, mid = decoder.controller(e_vis.to(x0.dtype), tuple(x0.shape[1:]))
+        down, mid = decoder.controller(e_vis, tuple(x0.shape[1:]))
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = decoder.unet(noisy, t, **decoder.unet_condition(e_text.to(x0.dtype), DecodeSettings()), **extra,
                         return_dict=False)[0]

@@ -100,7 +100,11 @@ class VisualController(nn.Module):
         """E_vis [B, H, W, C] -> (down residuals, mid residual) for latents of `latent_shape`
         ((C, h, w), or (C, frames, h, w) for a 3D U-Net)."""
         frames = latent_shape[1] if len(latent_shape) == 4 else None
-        x = self.norm_in(e_vis).permute(0, 3, 1, 2)
+        # E_vis (a sum of block outputs) comes in float32 and may not fit float16: normalise
+        # it in float32, then go on in the controller's own dtype.
+        n = self.norm_in
+        x = F.layer_norm(e_vis.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
+        x = x.to(n.weight.dtype).permute(0, 3, 1, 2)
         x = F.interpolate(self.proj_in(x), size=tuple(latent_shape[-2:]), mode="bilinear", align_corners=False)
         outs = []
         for down, stage, zero in zip(self.downs, self.stages, self.zero_convs):

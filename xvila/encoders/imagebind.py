@@ -262,9 +262,10 @@ class Trunk(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, tokens, attn_mask=None, sum_blocks: bool = False):
-        """Returns the last hidden state and, if asked, the sum of every block's output."""
+        """Returns the last hidden state and, if asked, the sum of every block's output in
+        float32: 32 ViT-H block outputs can sum past float16's range (65504)."""
         x = self.pre_transformer_layer(tokens)
-        block_sum = torch.zeros_like(x) if sum_blocks else None
+        block_sum = torch.zeros_like(x, dtype=torch.float32) if sum_blocks else None
         for blk in self.blocks:
             x = blk(x, attn_mask=attn_mask)
             if sum_blocks:
