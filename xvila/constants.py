@@ -18,3 +18,6 @@ IMAGEBIND_AUDIO_STD = 9.138
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; larger is treated as a decompression bomb
 MAX_VIDEO_SECONDS = 600.0  # longer videos are refused before any frame is decoded
 MAX_AUDIO_SECONDS = 600.0
+# Video frames (animated GIFs included): 4K UHD per frame, and 60 fps for the longest video.
+MAX_VIDEO_PIXELS = 3840 * 2160
+MAX_VIDEO_FRAMES = 36_000
