@@ -24,11 +24,11 @@ from torch import nn
 from xvila.config import XVilaConfig
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
 from xvila.conversation import IGNORE_INDEX, PLACEHOLDERS
-from xvila.encoders import imagebind_preprocess as pre
 from xvila.encoders.imagebind import AUDIO as IB_AUDIO
 from xvila.encoders.imagebind import VISION as IB_VISION
 from xvila.encoders.imagebind import ImageBind
 from xvila.errors import ConfigError
+from xvila.media_worker import preprocess
 from xvila.projections import InputProjection, OutputProjection
 
 IB_KEY = {IMAGE: IB_VISION, VIDEO: IB_VISION, AUDIO: IB_AUDIO}
@@ -132,8 +132,7 @@ class XVila(nn.Module):
     @torch.no_grad()
     def encode_media(self, path: str, modality: str) -> MediaInput:
         """Decode, preprocess and encode one file; the result is cached in the chat history."""
-        load = {IMAGE: pre.load_image, VIDEO: pre.load_video, AUDIO: pre.load_audio}[modality]
-        x = load(path)[None].to(self.device, self.imagebind_dtype)
+        x = preprocess(path, modality)[None].to(self.device, self.imagebind_dtype)  # in the media worker
         out = self.imagebind.encode({IB_KEY[modality]: x}, tokens=self.config.tokens_per_input[modality] > 1,
                                     vision_blocks=modality != AUDIO)
         embeds = self.project_media(modality, out.embeds[IB_KEY[modality]], out.tokens.get(IB_KEY[modality]))
