@@ -644,7 +644,13 @@ def _decode_audio(
 ) -> tuple[np.ndarray, int]:
     """Audio samples [channels, n] of start <= t < end, float32 at `rate` (None: native)."""
     origin = _origin(container)
-    out_rate = rate or stream.codec_context.sample_rate
+    ctx = stream.codec_context
+    if ctx is None or not ctx.sample_rate:  # e.g. a WAV whose fmt chunk names no known codec
+        raise CorruptMediaError(
+            f"{name}: the sound track's header is damaged (no usable codec or sample rate). "
+            "Please re-save the file and upload it again."
+        )
+    out_rate = rate or ctx.sample_rate
     # FFmpeg's resampler also converts any sample format to float and keeps the layout.
     resampler = av.AudioResampler(format="fltp", rate=out_rate)
     chunks: list[np.ndarray] = []
@@ -665,7 +671,7 @@ def _decode_audio(
             first = t  # the resampler's output starts at its first input's time
         chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
     if first is None:
-        return np.zeros((stream.codec_context.channels, 0), np.float32), out_rate
+        return np.zeros((ctx.channels, 0), np.float32), out_rate
     chunks.extend(out.to_ndarray() for out in resampler.resample(None))  # flush
     samples = np.concatenate(chunks, axis=1)
     offset = round((first - start) * out_rate)
