@@ -16,7 +16,7 @@ huge declared sizes) and hands it to one public reader (`xvila.media.read_*`,
   hang        the case took longer than the timeout; saved
 
 Case i is reproducible alone (`--only i`): its random choices come from (seed, i).
-Writes summary.json and the reproducers (with reproducers.json) under --out.
+Writes summary.json and the reproducers (listed in reproducers/reproducers.jsonl) under --out.
 """
 
 from __future__ import annotations
@@ -298,6 +298,8 @@ def _record(report: Report, case: dict, peak: int, out: Path | None) -> None:
             file = folder / f"{outcome}-{case['case']:06d}-{case['reader'].rsplit('.', 1)[-1]}{Path(case['seed']).suffix}"
             file.write_bytes(data)
             case["file"] = file.name
+            with (folder / "reproducers.jsonl").open("a") as index:  # kept even if the run is stopped
+                index.write(json.dumps(case) + "\n")
         report.saved.append(case)
 
 

@@ -639,3 +639,16 @@ def test_webm_cut_short_is_still_caught(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])  # the container's header still says 6 s
     raises(m.CorruptMediaError, path, m.read_video)
+
+
+def test_extreme_aspect_ratio_refused_from_header(tmp_path, monkeypatch, count_decoded):
+    # Found by the fuzzer: a GIF frame of 61504x48 is within the pixel budget, but the
+    # ImageBind preprocessing scales its short side to 224 (a 1.5 GB tensor, 40 s of CPU).
+    gif = gif_claiming_size(tmp_path / "strip.gif", 61504, 48)
+    err = raises(m.AspectRatioError, gif, m.read_video)
+    assert "61504x48" in str(err) and f"{m.MAX_ASPECT_RATIO}:1" in str(err)
+    assert count_decoded["n"] == 0
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    raises(m.AspectRatioError, png_claiming_size(tmp_path / "line.png", 3, 5000), m.read_image)
+    monkeypatch.undo()
+    assert m.read_image(m.write_png(tmp_path / "panorama.png", np.zeros((20, 1000, 3), np.uint8))).size == (1000, 20)

@@ -21,3 +21,6 @@ MAX_AUDIO_SECONDS = 600.0
 # Video frames (animated GIFs included): 4K UHD per frame, and 60 fps for the longest video.
 MAX_VIDEO_PIXELS = 3840 * 2160
 MAX_VIDEO_FRAMES = 36_000
+# Longest side over shortest side. The ImageBind preprocessing scales the short side to 224,
+# so a 61504x48 GIF frame (within the pixel budget) would become 224x287019 pixels.
+MAX_ASPECT_RATIO = 50

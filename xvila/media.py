@@ -10,8 +10,8 @@ refused with a plain message before any decoder touches it:
    (`FormatMismatchError`), nor a RIFF file shorter than its own header says
    (`CorruptMediaError`);
 5. budgets are checked from headers only: pixel count (`ImageTooLargeError`), pixels per
-   frame and frame count of videos and animated GIFs (`VideoTooLargeError`), duration
-   (`VideoTooLongError` / `AudioTooLongError`);
+   frame and frame count of videos and animated GIFs (`VideoTooLargeError`), the aspect
+   ratio of both (`AspectRatioError`), duration (`VideoTooLongError` / `AudioTooLongError`);
 6. only then is content decoded; decoder failures become `CorruptMediaError` (and
    `MediaMemoryError` when a damaged header asks for more memory than there is).
 
@@ -50,6 +50,7 @@ import soundfile as sf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xvila.constants import (
+    MAX_ASPECT_RATIO,
     MAX_AUDIO_SECONDS,
     MAX_IMAGE_PIXELS,
     MAX_VIDEO_FRAMES,
@@ -114,6 +115,19 @@ class AudioTooLongError(MediaError):
 
 class VideoTooLargeError(MediaError):
     """A video's (or animated GIF's) frames are larger, or more, than the budget."""
+
+
+class AspectRatioError(MediaError):
+    """A picture so much longer than wide (or the reverse) that it cannot be scaled."""
+
+
+def _check_aspect(name: str, w: int, h: int, what: str) -> None:
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > MAX_ASPECT_RATIO:
+        raise AspectRatioError(
+            f"{name}: the {what} is {w}x{h}, {ratio:.0f} times longer than it is wide; the limit is "
+            f"{MAX_ASPECT_RATIO}:1. Please crop it and upload again."
+        )
 
 
 class MediaMemoryError(MediaError):
@@ -294,6 +308,7 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageTooLargeError(_too_many_pixels(p.name, w, h, max_pixels))
+                _check_aspect(p.name, w, h, "image")
                 im.load()
                 return _flatten_to_rgb(_upright(im, p.name))
         except MediaError:  # ours (a ValueError) must not be re-labelled below
@@ -487,6 +502,7 @@ def probe_video(
         width, height = _frame_size(stream, p.name)
         if width * height > max_pixels:  # checked first: it needs no scan of the file
             raise VideoTooLargeError(_too_many_frame_pixels(p.name, width, height, max_pixels))
+        _check_aspect(p.name, width, height, "video frame")
         duration = _metadata_duration(container)
         if duration is None:
             duration = _scan_duration(container, stream, max_duration)

@@ -225,6 +225,10 @@ def preprocess(path: PathLike, kind: str, *, isolated: bool | None = None):
             return _load(path, kind)
         except MemoryError as err:
             raise _memory_error(Path(path).name) from err
+        except RuntimeError as err:
+            if _OUT_OF_MEMORY in str(err):
+                raise _memory_error(Path(path).name) from err
+            raise
     return default_worker().call(_load, str(path), kind, what=Path(path).name)
 
 
@@ -253,6 +257,9 @@ def _address_space() -> int:
     return 0
 
 
+_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
 def _serve(requests: Connection, replies: Connection, memory_bytes: int, cpu_seconds: float) -> None:
     import torch
 
@@ -275,6 +282,9 @@ def _serve(requests: Connection, replies: Connection, memory_bytes: int, cpu_sec
             reply = ("ok", fn(*args, **kwargs))
         except MemoryError:  # past the address-space limit; the memory is free again here
             reply = ("error", _memory_error(what))
+        except RuntimeError as err:
+            # torch's CPU allocator reports the same limit as a RuntimeError with this text.
+            reply = ("error", _memory_error(what) if _OUT_OF_MEMORY in str(err) else err)
         except BaseException as err:  # noqa: BLE001 - every failure goes back to the caller
             reply = ("error", err)
         reply = (*reply, _peak_rss())
