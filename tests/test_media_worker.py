@@ -143,12 +143,37 @@ def test_the_default_is_the_worker_and_can_be_switched(monkeypatch, files):
     assert calls == [mw._load]
 
 
-def test_encode_media_decodes_in_the_worker(monkeypatch, files):
+@pytest.fixture(scope="module")
+def model():
     from xvila import XVila
 
-    model = XVila.from_pretrained("tiny-random", device="cpu")
+    return XVila.from_pretrained("tiny-random", device="cpu")
+
+
+def test_encode_media_decodes_in_the_worker(monkeypatch, files, model):
     seen = []
     real = mw.MediaWorker.call
     monkeypatch.setattr(mw.MediaWorker, "call", lambda self, fn, *a, **k: seen.append(a[1]) or real(self, fn, *a, **k))
     out = model.encode_media(str(files["audio"]), "audio")
     assert seen == ["audio"] and out.modality == "audio" and np.isfinite(out.embeds.float().numpy()).all()
+
+
+def test_a_chat_turn_whose_upload_crashes_the_decoder_fails_alone(monkeypatch, files, model, tmp_path):
+    # The first request's worker dies as a segfaulting FFmpeg would; the turn fails with the
+    # typed error the demo shows, the history is untouched, and the next turn is served.
+    crashed = []
+    real = mw.MediaWorker.call
+
+    def crash_once(self, fn, *args, **kwargs):
+        if not crashed:
+            crashed.append(True)
+            return real(self, os.abort, what=kwargs.get("what", "the file"))
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(mw.MediaWorker, "call", crash_once)
+    chat = model.new_chat(outputs_dir=tmp_path)
+    with pytest.raises(m.DecoderCrashError, match="photo.png"):
+        list(chat.send("What is this?", media=[str(files["image"])], output="text", max_new_tokens=2))
+    assert chat.records == []
+    events = list(chat.send("What is this?", media=[str(files["image"])], output="text", max_new_tokens=2))
+    assert len(chat.records) == 1 and events
