@@ -26,7 +26,6 @@ process; the choice is logged once.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import pickle
@@ -71,7 +70,7 @@ class MediaWorker:
     """One reusable worker process; `call(fn, *args)` runs a module-level function in it.
 
     Thread-safe: concurrent callers take turns. The process starts on the first call and
-    again after a crash or a timeout; `close()` ends it (also at interpreter exit).
+    again after a crash or a timeout; `close()` ends it.
     """
 
     def __init__(self, limits: WorkerLimits | None = None):
@@ -81,7 +80,8 @@ class MediaWorker:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._send: Connection | None = None
-        atexit.register(self.close)
+        # No atexit hook: when this process ends (or drops the worker), the pipe closes and
+        # the worker, waiting on it, exits by itself.
 
     @property
     def pid(self) -> int | None:
