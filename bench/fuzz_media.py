@@ -105,6 +105,19 @@ def _audio(fmt: str, codec: str, rate: int = 22050, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def _surround() -> bytes:
+    """7.1 AAC, fed packed (PyAV 18 cannot build 8-channel planar frames safely)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ipod") as out:
+        stream = out.add_stream("aac", rate=22050, layout="7.1")
+        samples = _tone(0.5, 22050, 8)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T.reshape(1, -1)), format="flt", layout="7.1")
+        frame.sample_rate, frame.pts = 22050, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
 def _image(fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     frames = [Image.fromarray(f) for f in _frames(4)]
@@ -140,6 +153,7 @@ def make_seeds() -> dict[str, bytes]:
         "seed.ogg": lambda: _audio("ogg", "vorbis", 44100, 2),
         "seed.opus": lambda: _audio("opus", "libopus", 48000),
         "seed.m4a": lambda: _audio("ipod", "aac"),
+        "seed-7.1.m4a": _surround,
     }
     seeds = {}
     for name, make in makers.items():

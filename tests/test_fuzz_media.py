@@ -37,6 +37,7 @@ def test_every_format_has_a_seed_that_reads(fuzz_media, tmp_path):
     seeds = fuzz_media.make_seeds()
     assert {Path(n).suffix for n in seeds} >= {".png", ".jpg", ".gif", ".webp", ".mp4", ".webm", ".mov", ".avi",
                                                ".mkv", ".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"}
+    assert "seed-7.1.m4a" in seeds
     for name, data in seeds.items():  # unmutated seeds must read, or the fuzz tests nothing
         path = tmp_path / name
         path.write_bytes(data)

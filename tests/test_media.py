@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from media_factory import (
     COLOURS,
+    SURROUND_FREQS,
     audio_only_mp4,
     colour_frames,
     dominant_frequency,
@@ -23,6 +24,7 @@ from media_factory import (
     png_claiming_size,
     tone,
     write_audio,
+    write_surround_m4a,
     write_video,
 )
 from PIL import Image, ImageFile
@@ -652,3 +654,14 @@ def test_extreme_aspect_ratio_refused_from_header(tmp_path, monkeypatch, count_d
     raises(m.AspectRatioError, png_claiming_size(tmp_path / "line.png", 3, 5000), m.read_image)
     monkeypatch.undo()
     assert m.read_image(m.write_png(tmp_path / "panorama.png", np.zeros((20, 1000, 3), np.uint8))).size == (1000, 20)
+
+
+def test_seven_point_one_audio_is_read_with_every_channel(tmp_path):
+    # Used to segfault the process (PyAV's planar 8-channel frames); read packed now.
+    path = write_surround_m4a(tmp_path / "surround.m4a")
+    audio = m.read_audio(path)
+    assert audio.samples.shape == (8, 44100) and audio.sample_rate == 44100
+    middle = audio.samples[:, 4410:-4410]
+    found = [dominant_frequency(channel, 44100) for channel in middle]
+    assert found == pytest.approx(list(SURROUND_FREQS), abs=5)
+    assert m.read_audio(path, sample_rate=16000, mono=True).samples.shape == (1, 16000)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import media_factory
 from media_factory import colour_frames, png_claiming_size, tone, write_video
 
 from xvila import media as m
@@ -45,6 +47,18 @@ def test_a_crash_in_the_worker_is_a_media_error_and_the_next_request_works(worke
     assert worker.pid is None  # gone; the next call starts a fresh one
     assert worker.call(m.read_image, str(files["image"])).size == (56, 40)
     assert worker.pid not in (None, first)
+
+
+def test_a_real_segfault_in_pyav_is_contained(monkeypatch, files):
+    # A native crash, not a simulated one: PyAV 18 reading an 8-channel planar frame.
+    monkeypatch.setenv("PYTHONPATH", str(Path(media_factory.__file__).parent))  # the worker imports it
+    w = mw.MediaWorker()
+    try:
+        with pytest.raises(m.DecoderCrashError, match="SIGSEGV"):
+            w.call(media_factory.pyav_planar_7_1_to_ndarray, what="surround.m4a")
+        assert w.call(m.read_audio, str(files["audio"])).samples.shape == (2, 22050)
+    finally:
+        w.close()
 
 
 def test_a_hang_is_stopped_by_the_wall_clock_limit(files):

@@ -668,7 +668,9 @@ def _decode_audio(
         )
     out_rate = rate or ctx.sample_rate
     # FFmpeg's resampler also converts any sample format to float and keeps the layout.
-    resampler = av.AudioResampler(format="fltp", rate=out_rate)
+    # Packed ("flt"), not planar: PyAV 18 counts 9 planes in an 8-channel (7.1) planar
+    # frame and its to_ndarray then reads past the plane table (a segfault).
+    resampler = av.AudioResampler(format="flt", rate=out_rate)
     chunks: list[np.ndarray] = []
     first: float | None = None
     t_next = 0.0
@@ -685,10 +687,10 @@ def _decode_audio(
             continue
         if first is None:
             first = t  # the resampler's output starts at its first input's time
-        chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+        chunks.extend(_channels_first(out) for out in resampler.resample(frame))
     if first is None:
         return np.zeros((ctx.channels, 0), np.float32), out_rate
-    chunks.extend(out.to_ndarray() for out in resampler.resample(None))  # flush
+    chunks.extend(_channels_first(out) for out in resampler.resample(None))  # flush
     samples = np.concatenate(chunks, axis=1)
     offset = round((first - start) * out_rate)
     # Drop what precedes `start`; if the track starts late, pad so sample 0 is at `start`.
@@ -696,6 +698,11 @@ def _decode_audio(
     if end is not None:
         samples = samples[:, : max(0, round((end - start) * out_rate))]
     return np.ascontiguousarray(samples, dtype=np.float32), out_rate
+
+
+def _channels_first(frame: av.AudioFrame) -> np.ndarray:
+    """[channels, n] from a packed frame ([1, n * channels], interleaved)."""
+    return frame.to_ndarray().reshape(-1, frame.layout.nb_channels).T
 
 
 def _make_audio(samples: np.ndarray, rate: int, name: str) -> Audio:

@@ -261,9 +261,6 @@ _OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
 def _serve(requests: Connection, replies: Connection, memory_bytes: int, cpu_seconds: float) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # small tensors; threads would only add address space
     _loaders()  # import the decoders now, before the limits, and not per request
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not write a core dump
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
