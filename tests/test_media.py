@@ -665,3 +665,10 @@ def test_seven_point_one_audio_is_read_with_every_channel(tmp_path):
     found = [dominant_frequency(channel, 44100) for channel in middle]
     assert found == pytest.approx(list(SURROUND_FREQS), abs=5)
     assert m.read_audio(path, sample_rate=16000, mono=True).samples.shape == (1, 16000)
+
+
+def test_video_stream_without_codec_context_is_corrupt(tmp_path, monkeypatch, count_decoded):
+    path = write_video(tmp_path / "clip.mp4", colour_frames(4))
+    monkeypatch.setattr(av.video.stream.VideoStream, "codec_context", property(lambda self: None))
+    assert "no picture size" in str(raises(m.CorruptMediaError, path, m.probe_video))
+    assert count_decoded["n"] == 0
