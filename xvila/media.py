@@ -121,15 +121,6 @@ class AspectRatioError(MediaError):
     """A picture so much longer than wide (or the reverse) that it cannot be scaled."""
 
 
-def _check_aspect(name: str, w: int, h: int, what: str) -> None:
-    ratio = max(w, h) / max(1, min(w, h))
-    if ratio > MAX_ASPECT_RATIO:
-        raise AspectRatioError(
-            f"{name}: the {what} is {w}x{h}, {ratio:.0f} times longer than it is wide; the limit is "
-            f"{MAX_ASPECT_RATIO}:1. Please crop it and upload again."
-        )
-
-
 class MediaMemoryError(MediaError):
     """Decoding needed more memory than allowed (usually a damaged size field)."""
 
@@ -346,6 +337,15 @@ def _too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
         f"{name}: the image is {w}x{h} ({w * h:,} pixels), over the limit of {max_pixels:,} "
         "pixels. Please resize it and upload again."
     )
+
+
+def _check_aspect(name: str, w: int, h: int, what: str) -> None:
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > MAX_ASPECT_RATIO:
+        raise AspectRatioError(
+            f"{name}: the {what} is {w}x{h}, {ratio:.0f} times longer than it is wide; the limit is "
+            f"{MAX_ASPECT_RATIO}:1. Please crop it and upload again."
+        )
 
 
 def _flatten_to_rgb(im: Image.Image) -> Image.Image:
