@@ -657,9 +657,16 @@ def test_extreme_aspect_ratio_refused_from_header(tmp_path, monkeypatch, count_d
 
 
 def test_seven_point_one_audio_is_read_with_every_channel(tmp_path):
-    # Used to segfault the process (PyAV's planar 8-channel frames); read packed now.
+    # Used to segfault the process (PyAV's planar 8-channel frames); read packed now. Read
+    # in a worker, so that a regression fails this test instead of killing the test run.
+    from xvila.media_worker import MediaWorker
+
     path = write_surround_m4a(tmp_path / "surround.m4a")
-    audio = m.read_audio(path)
+    worker = MediaWorker()
+    try:
+        audio = worker.call(m.read_audio, str(path))
+    finally:
+        worker.close()
     assert audio.samples.shape == (8, 44100) and audio.sample_rate == 44100
     middle = audio.samples[:, 4410:-4410]
     found = [dominant_frequency(channel, 44100) for channel in middle]
