@@ -139,3 +139,25 @@ def sample_media(folder: Path) -> dict[str, str]:
     media_io.write_wav(folder / "bark.wav", sound.samples, 16000)
     out.update(image=str(folder / "photo.png"), video=str(folder / "clip.mp4"), audio=str(folder / "bark.wav"))
     return out
+
+
+SURROUND_FREQS = (300.0, 500.0, 700.0, 100.0, 900.0, 1100.0, 1300.0, 1500.0)  # 7.1; LFE (4th) low
+
+
+def write_surround_m4a(path: Path, seconds: float = 1.0, rate: int = 44100) -> Path:
+    """A valid 7.1 AAC file, one tone per channel. Fed to the encoder packed: PyAV 18 builds
+    8-channel planar frames with a ninth plane (see `pyav_planar_7_1_to_ndarray`)."""
+    samples = tone(SURROUND_FREQS, seconds, rate)
+    with av.open(str(path), "w", format="ipod") as out:
+        stream = out.add_stream("aac", rate=rate, layout="7.1")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T.reshape(1, -1)), format="flt", layout="7.1")
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def pyav_planar_7_1_to_ndarray() -> None:
+    """Segfaults in PyAV 18: an 8-channel planar frame reports 9 planes and to_ndarray reads
+    the missing one. This is how a 7.1 upload used to kill the demo; a real native crash."""
+    av.AudioFrame(format="fltp", layout="7.1", samples=1024).to_ndarray()

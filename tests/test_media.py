@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from media_factory import (
     COLOURS,
+    SURROUND_FREQS,
     audio_only_mp4,
     colour_frames,
     dominant_frequency,
@@ -23,6 +24,7 @@ from media_factory import (
     png_claiming_size,
     tone,
     write_audio,
+    write_surround_m4a,
     write_video,
 )
 from PIL import Image, ImageFile
@@ -495,3 +497,185 @@ def test_video_cut_in_half_after_its_header_is_corrupt_not_short(tmp_path):
     assert m.read_video(full).frames.shape[0] == 48
     with pytest.raises(m.CorruptMediaError, match="cut.mp4.*stops at"):
         m.read_video(cut)
+
+
+# ---------------------------------------------------- frame budgets and decoder failures
+def test_video_over_frame_pixel_budget_refused_from_header(tmp_path, count_decoded):
+    # 3842x2162: just over 4K UHD; the default budget refuses it before a frame is decoded.
+    path = write_video(tmp_path / "big.mp4", colour_frames(2, 2162, 3842), codec="mpeg4")
+    began = time.perf_counter()
+    err = raises(m.VideoTooLargeError, path, m.read_video)
+    raises(m.VideoTooLargeError, path, m.probe_video)
+    assert time.perf_counter() - began < 1.0
+    assert count_decoded["n"] == 0
+    assert "3842x2162" in str(err) and f"{m.MAX_VIDEO_PIXELS:,}" in str(err)
+
+
+def gif_claiming_size(path: Path, width: int, height: int, frames: int = 3) -> Path:
+    """A small animated GIF whose logical screen is rewritten to width x height (a few
+    hundred bytes that would decode to gigabytes of frames)."""
+    images = [Image.fromarray(f) for f in colour_frames(frames, 8, 8)]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    data = bytearray(path.read_bytes())
+    data[6:10] = width.to_bytes(2, "little") + height.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_animated_gif_declaring_huge_frames_refused_by_every_reader(tmp_path, count_decoded, monkeypatch):
+    path = gif_claiming_size(tmp_path / "bomb.gif", 8001, 8000)
+    assert path.stat().st_size < 1000
+    err = raises(m.VideoTooLargeError, path, m.read_video)
+    assert "8001x8000" in str(err) and f"{m.MAX_VIDEO_PIXELS:,}" in str(err)
+    assert count_decoded["n"] == 0
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    assert f"{m.MAX_IMAGE_PIXELS:,}" in str(raises(m.ImageTooLargeError, path, m.read_image))
+
+
+def test_frame_count_budget_from_header(tmp_path, count_decoded):
+    video = write_video(tmp_path / "many.mp4", colour_frames(12))  # 12 frames in its header
+    gif = tmp_path / "many.gif"
+    images = [Image.fromarray(f) for f in colour_frames(12, 8, 8)]
+    images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    for path in (video, gif):
+        err = raises(m.VideoTooLargeError, path, m.read_video, max_frames=5)
+        assert "12 frames" in str(err) and "limit of 5" in str(err)
+    assert count_decoded["n"] == 0
+    assert len(m.read_video(gif, max_frames=12).frames) == 12
+
+
+def test_frame_budgets_rechecked_while_decoding(tmp_path, monkeypatch):
+    # Headers that lie (no frame count, a tiny picture): the decode loop enforces both.
+    path = write_video(tmp_path / "clip.mp4", colour_frames(12, 48, 64))
+    monkeypatch.setattr(m, "_frame_size", lambda stream, name: (1, 1))
+    raises(m.VideoTooLargeError, path, m.read_video, max_pixels=1000)
+    monkeypatch.undo()
+    monkeypatch.setattr(av.video.stream.VideoStream, "frames", property(lambda self: 0))
+    monkeypatch.setattr(m, "_metadata_duration", lambda container, stream=None: 0.1)
+    err = raises(m.VideoTooLargeError, path, m.read_video, max_frames=5)
+    assert "limit of 5" in str(err)
+
+
+def test_resolution_change_mid_stream_is_scaled_to_the_first_size(tmp_path):
+    # Two MPEG-TS segments back to back (as a stream that switches resolution sends them).
+    small = write_video(tmp_path / "a.ts", colour_frames(8, 48, 64), fmt="mpegts")
+    large = write_video(tmp_path / "b.ts", colour_frames(8, 96, 128), fmt="mpegts")
+    path = tmp_path / "switch.mp4"
+    path.write_bytes(small.read_bytes() + large.read_bytes())
+    video = m.read_video(path, with_audio=False)
+    assert video.frames.shape[1:] == (48, 64, 3)
+    assert len(video.frames) == 16
+    assert [nearest_colour(f) for f in video.frames] == [i % 12 for i in range(8)] * 2
+
+
+@pytest.mark.parametrize("fmt, ext", [("matroska", ".mkv"), ("mp4", ".mp4"), ("mov", ".mov")])
+def test_metadata_that_is_not_utf8_is_tolerated(tmp_path, fmt, ext):
+    path = tmp_path / f"tagged{ext}"
+    with av.open(str(path), "w", format=fmt) as out:
+        out.metadata["title"] = "ÄÄÄÄÄÄ"
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i, rgb in enumerate(colour_frames(4)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    data = path.read_bytes()
+    assert data.count("ÄÄÄÄÄÄ".encode()) == 1
+    path.write_bytes(data.replace("ÄÄÄÄÄÄ".encode(), b"\xc4" * 12))  # Latin-1 bytes: invalid UTF-8
+    assert m.probe_video(path).width == 64
+    assert len(m.read_video(path).frames) == 4
+
+
+@pytest.mark.parametrize("offset, value", [(20, b"\x00\x00"), (20, b"\xfe\xff"), (34, b"\x00\x00")])
+def test_wav_with_corrupt_fmt_chunk(tmp_path, offset, value):
+    # Format tag 0 / 0xFFFE without its extension, or 0 bits per sample: FFmpeg opens the
+    # file but gives the stream no decoder.
+    path = m.write_wav(tmp_path / "voice.wav", tone((440.0,), 0.2, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"fmt "
+    data[offset:offset + len(value)] = value
+    path.write_bytes(bytes(data))
+    err = raises(m.CorruptMediaError, path, m.read_audio)
+    assert "header is damaged" in str(err)
+
+
+@pytest.mark.parametrize("failure", [AttributeError("no codec"), TypeError("x"), IndexError("x"),
+                                     ZeroDivisionError("x"), UnicodeDecodeError("utf-8", b"\xc4", 0, 1, "bad")])
+def test_decoder_internals_failing_become_corrupt_media(tmp_path, monkeypatch, failure):
+    path = write_video(tmp_path / "clip.mp4", colour_frames(4))
+
+    def failing(container, stream):
+        raise failure
+        yield
+
+    monkeypatch.setattr(m, "_iter_frames", failing)
+    err = raises(m.CorruptMediaError, path, m.read_video)
+    assert err.__cause__ is failure
+    wav = m.write_wav(tmp_path / "voice.wav", tone((440.0,), 0.2, 16000), 16000)
+    assert raises(m.CorruptMediaError, wav, m.read_audio).__cause__ is failure
+
+
+def test_memory_error_while_decoding_is_typed(tmp_path, monkeypatch):
+    image = m.write_png(tmp_path / "photo.png", np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(MemoryError()))
+    assert "more memory" in str(raises(m.MediaMemoryError, image, m.read_image))
+    video = write_video(tmp_path / "clip.mp4", colour_frames(4))
+    monkeypatch.setattr(m, "_iter_frames", lambda container, stream: (_ for _ in ()).throw(MemoryError()))
+    raises(m.MediaMemoryError, video, m.read_video)
+
+
+def test_short_webm_without_stream_duration_is_read(tmp_path):
+    # 1.5 s of VP8 at 8 fps: WebM stores no per-stream duration, only the container's.
+    path = write_video(tmp_path / "clip.webm", colour_frames(12), fmt="webm", codec="libvpx")
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].duration is None and c.duration == 1_500_000
+    video = m.read_video(path, start=1.0, end=2.06)  # a window past the end, as load_video asks
+    assert [nearest_colour(f) for f in video.frames] == [8, 9, 10, 11]
+    whole = m.read_video(path)
+    assert len(whole.frames) == 12 and whole.duration == pytest.approx(1.5)
+
+
+def test_webm_cut_short_is_still_caught(tmp_path):
+    path = write_video(tmp_path / "clip.webm", colour_frames(48), fmt="webm", codec="libvpx")  # 6 s
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # the container's header still says 6 s
+    raises(m.CorruptMediaError, path, m.read_video)
+
+
+def test_extreme_aspect_ratio_refused_from_header(tmp_path, monkeypatch, count_decoded):
+    # Found by the fuzzer: a GIF frame of 61504x48 is within the pixel budget, but the
+    # ImageBind preprocessing scales its short side to 224 (a 1.5 GB tensor, 40 s of CPU).
+    gif = gif_claiming_size(tmp_path / "strip.gif", 61504, 48)
+    err = raises(m.AspectRatioError, gif, m.read_video)
+    assert "61504x48" in str(err) and f"{m.MAX_ASPECT_RATIO}:1" in str(err)
+    assert count_decoded["n"] == 0
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    raises(m.AspectRatioError, png_claiming_size(tmp_path / "line.png", 3, 5000), m.read_image)
+    monkeypatch.undo()
+    assert m.read_image(m.write_png(tmp_path / "panorama.png", np.zeros((20, 1000, 3), np.uint8))).size == (1000, 20)
+
+
+def test_seven_point_one_audio_is_read_with_every_channel(tmp_path):
+    # Used to segfault the process (PyAV's planar 8-channel frames); read packed now. Read
+    # in a worker, so that a regression fails this test instead of killing the test run.
+    from xvila.media_worker import MediaWorker
+
+    path = write_surround_m4a(tmp_path / "surround.m4a")
+    worker = MediaWorker()
+    try:
+        audio = worker.call(m.read_audio, str(path))
+    finally:
+        worker.close()
+    assert audio.samples.shape == (8, 44100) and audio.sample_rate == 44100
+    middle = audio.samples[:, 4410:-4410]
+    found = [dominant_frequency(channel, 44100) for channel in middle]
+    assert found == pytest.approx(list(SURROUND_FREQS), abs=5)
+    assert m.read_audio(path, sample_rate=16000, mono=True).samples.shape == (1, 16000)
+
+
+def test_video_stream_without_codec_context_is_corrupt(tmp_path, monkeypatch, count_decoded):
+    path = write_video(tmp_path / "clip.mp4", colour_frames(4))
+    monkeypatch.setattr(av.video.stream.VideoStream, "codec_context", property(lambda self: None))
+    assert "no picture size" in str(raises(m.CorruptMediaError, path, m.probe_video))
+    assert count_decoded["n"] == 0

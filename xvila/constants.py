@@ -18,6 +18,12 @@ IMAGEBIND_AUDIO_STD = 9.138
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; larger is treated as a decompression bomb
 MAX_VIDEO_SECONDS = 600.0  # longer videos are refused before any frame is decoded
 MAX_AUDIO_SECONDS = 600.0
+# Video frames (animated GIFs included): 4K UHD per frame, and 60 fps for the longest video.
+MAX_VIDEO_PIXELS = 3840 * 2160
+MAX_VIDEO_FRAMES = 36_000
+# Longest side over shortest side. The ImageBind preprocessing scales the short side to 224,
+# so a 61504x48 GIF frame (within the pixel budget) would become 224x287019 pixels.
+MAX_ASPECT_RATIO = 50
 
 # The decoders with a visual controller: the visual embedding highway and phase 3b.
 VISUAL = (IMAGE, VIDEO)

@@ -9,9 +9,16 @@ refused with a plain message before any decoder touches it:
 4. the first bytes are not obviously another kind of file, e.g. a PNG named `.mp4`
    (`FormatMismatchError`), nor a RIFF file shorter than its own header says
    (`CorruptMediaError`);
-5. budgets are checked from headers only: pixel count (`ImageTooLargeError`), duration
-   (`VideoTooLongError` / `AudioTooLongError`);
-6. only then is content decoded; decoder failures become `CorruptMediaError`.
+5. budgets are checked from headers only: pixel count (`ImageTooLargeError`), pixels per
+   frame and frame count of videos and animated GIFs (`VideoTooLargeError`), the aspect
+   ratio of both (`AspectRatioError`), duration (`VideoTooLongError` / `AudioTooLongError`);
+6. only then is content decoded; decoder failures become `CorruptMediaError` (and
+   `MediaMemoryError` when a damaged header asks for more memory than there is).
+
+These readers run in the calling process, which suits trusted files (training data). A
+crash inside FFmpeg cannot be caught in-process: uploads go through
+`xvila.media_worker.preprocess`, which runs the same readers in a worker process with
+memory and time limits (`DecoderCrashError`, `DecodeTimeoutError`).
 
 Decoding is done by the libraries: PIL for images, PyAV (FFmpeg) for video and for all
 audio (one code path for WAV/FLAC/MP3/Ogg/M4A and audio tracks of videos, with FFmpeg's
@@ -42,7 +49,14 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from xvila.constants import MAX_AUDIO_SECONDS, MAX_IMAGE_PIXELS, MAX_VIDEO_SECONDS
+from xvila.constants import (
+    MAX_ASPECT_RATIO,
+    MAX_AUDIO_SECONDS,
+    MAX_IMAGE_PIXELS,
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_PIXELS,
+    MAX_VIDEO_SECONDS,
+)
 from xvila.errors import XVilaError
 from xvila.fileio import atomic_path
 
@@ -97,6 +111,42 @@ class VideoTooLongError(MediaError):
 
 class AudioTooLongError(MediaError):
     """The audio lasts longer than the budget."""
+
+
+class VideoTooLargeError(MediaError):
+    """A video's (or animated GIF's) frames are larger, or more, than the budget."""
+
+
+class AspectRatioError(MediaError):
+    """A picture so much longer than wide (or the reverse) that it cannot be scaled."""
+
+
+class MediaMemoryError(MediaError):
+    """Decoding needed more memory than allowed (usually a damaged size field)."""
+
+
+class DecoderCrashError(MediaError):
+    """The decoder crashed (a native fault, caught by the worker process that hosts it)."""
+
+
+class DecodeTimeoutError(MediaError):
+    """Decoding took longer than allowed (wall-clock or CPU time)."""
+
+
+def _memory_error(name: str) -> MediaMemoryError:
+    return MediaMemoryError(
+        f"{name}: decoding this file needs more memory than the server allows; it is damaged "
+        "or far too large. Please upload a smaller or re-saved copy."
+    )
+
+
+# What the decoders (PIL, PyAV) raise on malformed data besides their own error classes.
+# Caught only around decoding, never around our own argument checks; the original is
+# kept as the cause of the typed error.
+_DECODER_FAILURES = (
+    AttributeError, TypeError, ValueError, IndexError, KeyError, ZeroDivisionError,
+    OverflowError, UnicodeDecodeError, EOFError, SyntaxError, struct.error, OSError,
+)
 
 
 # ------------------------------------------------------------------------- file kinds
@@ -249,10 +299,13 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageTooLargeError(_too_many_pixels(p.name, w, h, max_pixels))
+                _check_aspect(p.name, w, h, "image")
                 im.load()
                 return _flatten_to_rgb(_upright(im, p.name))
         except MediaError:  # ours (a ValueError) must not be re-labelled below
             raise
+        except MemoryError as err:
+            raise _memory_error(p.name) from err
         except Image.DecompressionBombError as err:
             raise ImageTooLargeError(
                 f"{p.name}: the image is too large to open safely (over "
@@ -263,7 +316,7 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
                 f"{p.name}: could not be read as an image; it is damaged or in a format we "
                 f"do not read. Please upload a {_exts(IMAGE_EXTENSIONS)} file."
             ) from err
-        except (OSError, SyntaxError, ValueError, EOFError) as err:  # what PIL raises on bad data
+        except _DECODER_FAILURES as err:  # what PIL raises on bad data
             raise CorruptMediaError(
                 f"{p.name}: the image data is damaged or incomplete. Please upload it again."
             ) from err
@@ -284,6 +337,15 @@ def _too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
         f"{name}: the image is {w}x{h} ({w * h:,} pixels), over the limit of {max_pixels:,} "
         "pixels. Please resize it and upload again."
     )
+
+
+def _check_aspect(name: str, w: int, h: int, what: str) -> None:
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > MAX_ASPECT_RATIO:
+        raise AspectRatioError(
+            f"{name}: the {what} is {w}x{h}, {ratio:.0f} times longer than it is wide; the limit is "
+            f"{MAX_ASPECT_RATIO}:1. Please crop it and upload again."
+        )
 
 
 def _flatten_to_rgb(im: Image.Image) -> Image.Image:
@@ -340,10 +402,16 @@ class Video:
 
 @contextlib.contextmanager
 def _open_av(p: Path, noun: str) -> Iterator[av.container.InputContainer]:
-    """Open with PyAV; any FFmpeg error while open or decoding becomes CorruptMediaError."""
+    """Open with PyAV; any decoder error while open or decoding becomes CorruptMediaError.
+
+    Tags that are not UTF-8 are decoded with replacement characters: PyAV raises
+    UnicodeDecodeError on them by default, and a mangled title is no reason to refuse a file.
+    """
     try:
-        container = av.open(str(p), mode="r")
-    except av.FFmpegError as err:
+        container = av.open(str(p), mode="r", metadata_errors="replace")
+    except MemoryError as err:
+        raise _memory_error(p.name) from err
+    except (av.FFmpegError, *_DECODER_FAILURES) as err:
         raise CorruptMediaError(
             f"{p.name}: could not be opened as {noun}; the file is damaged or incomplete. "
             "Please upload it again."
@@ -359,7 +427,11 @@ def _open_av(p: Path, noun: str) -> Iterator[av.container.InputContainer]:
                 "incomplete. Please upload it again."
             )
         yield container
-    except av.FFmpegError as err:
+    except MediaError:  # ours (a ValueError) must not be re-labelled below
+        raise
+    except MemoryError as err:
+        raise _memory_error(p.name) from err
+    except (av.FFmpegError, *_DECODER_FAILURES) as err:
         raise CorruptMediaError(
             f"{p.name}: decoding failed part-way; the file is damaged or incomplete. Please upload it again."
         ) from err
@@ -418,11 +490,19 @@ def _too_long(name: str, what: str, seconds: float, budget: float, exact: bool =
     )
 
 
-def probe_video(path: PathLike, *, max_duration: float = MAX_VIDEO_SECONDS) -> VideoInfo:
-    """Video metadata without decoding a frame; raises the typed errors (over budget included)."""
+def probe_video(
+    path: PathLike, *, max_duration: float = MAX_VIDEO_SECONDS, max_pixels: int = MAX_VIDEO_PIXELS,
+    max_frames: int = MAX_VIDEO_FRAMES,
+) -> VideoInfo:
+    """Video metadata without decoding a frame; raises the typed errors (over budget included:
+    duration, pixels per frame, frame count)."""
     p = _check_file(path, _VIDEO)
     with _open_av(p, "a video") as container:
         stream = _video_stream(container, p.name)
+        width, height = _frame_size(stream, p.name)
+        if width * height > max_pixels:  # checked first: it needs no scan of the file
+            raise VideoTooLargeError(_too_many_frame_pixels(p.name, width, height, max_pixels))
+        _check_aspect(p.name, width, height, "video frame")
         duration = _metadata_duration(container)
         if duration is None:
             duration = _scan_duration(container, stream, max_duration)
@@ -430,8 +510,36 @@ def probe_video(path: PathLike, *, max_duration: float = MAX_VIDEO_SECONDS) -> V
             raise VideoTooLongError(_too_long(p.name, "video", duration, max_duration))
         rate = stream.guessed_rate or stream.average_rate or stream.base_rate
         fps = float(rate) if rate else (stream.frames / duration if stream.frames and duration else 0.0)
-        ctx = stream.codec_context
-        return VideoInfo(duration, fps, ctx.width, ctx.height, bool(container.streams.audio))
+        frames = int(stream.frames or 0) or round(duration * fps)
+        if frames > max_frames:
+            raise VideoTooLargeError(_too_many_frames(p.name, frames, max_frames))
+        return VideoInfo(duration, fps, width, height, bool(container.streams.audio))
+
+
+def _frame_size(stream: av.video.stream.VideoStream, name: str) -> tuple[int, int]:
+    """Width and height from the stream header; a stream without them cannot be decoded."""
+    ctx = stream.codec_context
+    width, height = (ctx.width, ctx.height) if ctx is not None else (0, 0)
+    if width <= 0 or height <= 0:
+        raise CorruptMediaError(
+            f"{name}: the video track has no picture size in its header; the file is damaged. "
+            "Please upload it again."
+        )
+    return width, height
+
+
+def _too_many_frame_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"{name}: the video frames are {w}x{h} ({w * h:,} pixels), over the limit of {max_pixels:,} "
+        "pixels per frame. Please scale it down and upload again."
+    )
+
+
+def _too_many_frames(name: str, frames: int, max_frames: int) -> str:
+    return (
+        f"{name}: the video has {frames:,} frames, over the limit of {max_frames:,}. "
+        "Please shorten it or lower its frame rate and upload again."
+    )
 
 
 def _video_stream(container: av.container.InputContainer, name: str) -> av.video.stream.VideoStream:
@@ -453,24 +561,33 @@ def read_video(
     max_duration: float = MAX_VIDEO_SECONDS,
     audio_sample_rate: int | None = None,
     with_audio: bool = True,
+    max_pixels: int = MAX_VIDEO_PIXELS,
+    max_frames: int = MAX_VIDEO_FRAMES,
 ) -> Video:
     """Decode the frames with start <= t < end (end=None: to the end) and, if asked, the
-    audio of the same span, resampled to `audio_sample_rate` when given (channels kept)."""
+    audio of the same span, resampled to `audio_sample_rate` when given (channels kept).
+
+    Every frame comes out at the first decoded frame's size: streams that change resolution
+    part-way (browser recordings do) are scaled to it."""
     if start < 0 or (end is not None and end <= start):
         raise ValueError(f"read_video wants 0 <= start < end, got start={start}, end={end}")
-    info = probe_video(path, max_duration=max_duration)  # refuses over-budget files undecoded
+    # Refuses over-budget files undecoded; the decoder re-checks, as headers can lie.
+    info = probe_video(path, max_duration=max_duration, max_pixels=max_pixels, max_frames=max_frames)
+    limits = _VideoLimits(max_duration, max_pixels, max_frames)
     p = Path(path)
     if start > 0 and start >= info.duration:
         raise NoFramesError(f"{p.name}: start={start:g} s is past the end of the video ({info.duration:.2f} s).")
     with _open_av(p, "a video") as container:
         stream = _video_stream(container, p.name)
         stream.thread_type = "AUTO"  # frame + slice threads: several times faster on H.264
-        frames, times = _decode_video(container, stream, start, end, max_duration, p.name, info.fps)
-        # The video stream's own length (the container's may include a longer audio track).
+        frames, times = _decode_video(container, stream, start, end, limits, p.name, info.fps)
+        # The video stream's own length (the container's may include a longer audio track);
+        # WebM/MKV have none per stream, only the container's.
         stream_end = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     if not frames:
         raise NoFramesError(f"{p.name}: no video frame could be decoded between {start:g} s and {end or info.duration:g} s.")
-    _check_not_cut_short(p.name, times, info.fps, min(end, stream_end) if end and stream_end else (end or stream_end))
+    known_end = stream_end or info.duration or None
+    _check_not_cut_short(p.name, times, info.fps, min(end, known_end) if end and known_end else (end or known_end))
     audio = None
     if with_audio and info.has_audio:
         audio = _read_video_audio(p, start, end if end is not None else info.duration, audio_sample_rate, max_duration)
@@ -500,25 +617,39 @@ def _read_video_audio(p: Path, start: float, end: float, rate: int | None, budge
     return _make_audio(samples, rate, p.name)
 
 
+@dataclass
+class _VideoLimits:
+    seconds: float
+    pixels: int
+    frames: int
+
+
 def _decode_video(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, start: float,
-    end: float | None, budget: float, name: str, fps: float,
+    end: float | None, limits: _VideoLimits, name: str, fps: float,
 ) -> tuple[list[np.ndarray], list[float]]:
     origin, step = _origin(container), (1.0 / fps if fps else 0.0)
     _seek(container, stream, start)
     frames: list[np.ndarray] = []
     times: list[float] = []
     t = start - step
+    size: tuple[int, int] | None = None
     for frame in _iter_frames(container, stream):
         # A frame without a timestamp is assumed to follow the previous one.
         t = frame.time - origin if frame.time is not None else t + step
-        if t > budget:  # metadata said it was short enough; the timestamps say otherwise
-            raise VideoTooLongError(_too_long(name, "video", budget, budget, exact=False))
+        # The header said the file was within budget; the frames may say otherwise.
+        if t > limits.seconds:
+            raise VideoTooLongError(_too_long(name, "video", limits.seconds, limits.seconds, exact=False))
+        if frame.width * frame.height > limits.pixels:
+            raise VideoTooLargeError(_too_many_frame_pixels(name, frame.width, frame.height, limits.pixels))
         if t < start - 1e-6:  # between the keyframe we seeked to and `start`
             continue
         if end is not None and t >= end - 1e-6:
             break
-        frames.append(frame.to_ndarray(format="rgb24"))
+        if len(frames) >= limits.frames:
+            raise VideoTooLargeError(_too_many_frames(name, len(frames) + 1, limits.frames))
+        size = size or (frame.width, frame.height)
+        frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
         times.append(t)
     return frames, times
 
@@ -529,9 +660,17 @@ def _decode_audio(
 ) -> tuple[np.ndarray, int]:
     """Audio samples [channels, n] of start <= t < end, float32 at `rate` (None: native)."""
     origin = _origin(container)
-    out_rate = rate or stream.codec_context.sample_rate
+    ctx = stream.codec_context
+    if ctx is None or not ctx.sample_rate:  # e.g. a WAV whose fmt chunk names no known codec
+        raise CorruptMediaError(
+            f"{name}: the sound track's header is damaged (no usable codec or sample rate). "
+            "Please re-save the file and upload it again."
+        )
+    out_rate = rate or ctx.sample_rate
     # FFmpeg's resampler also converts any sample format to float and keeps the layout.
-    resampler = av.AudioResampler(format="fltp", rate=out_rate)
+    # Packed ("flt"), not planar: PyAV 18 counts 9 planes in an 8-channel (7.1) planar
+    # frame and its to_ndarray then reads past the plane table (a segfault).
+    resampler = av.AudioResampler(format="flt", rate=out_rate)
     chunks: list[np.ndarray] = []
     first: float | None = None
     t_next = 0.0
@@ -548,10 +687,10 @@ def _decode_audio(
             continue
         if first is None:
             first = t  # the resampler's output starts at its first input's time
-        chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+        chunks.extend(_channels_first(out) for out in resampler.resample(frame))
     if first is None:
-        return np.zeros((stream.codec_context.channels, 0), np.float32), out_rate
-    chunks.extend(out.to_ndarray() for out in resampler.resample(None))  # flush
+        return np.zeros((ctx.channels, 0), np.float32), out_rate
+    chunks.extend(_channels_first(out) for out in resampler.resample(None))  # flush
     samples = np.concatenate(chunks, axis=1)
     offset = round((first - start) * out_rate)
     # Drop what precedes `start`; if the track starts late, pad so sample 0 is at `start`.
@@ -559,6 +698,11 @@ def _decode_audio(
     if end is not None:
         samples = samples[:, : max(0, round((end - start) * out_rate))]
     return np.ascontiguousarray(samples, dtype=np.float32), out_rate
+
+
+def _channels_first(frame: av.AudioFrame) -> np.ndarray:
+    """[channels, n] from a packed frame ([1, n * channels], interleaved)."""
+    return frame.to_ndarray().reshape(-1, frame.layout.nb_channels).T
 
 
 def _make_audio(samples: np.ndarray, rate: int, name: str) -> Audio:

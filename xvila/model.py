@@ -24,11 +24,11 @@ from torch import nn
 from xvila.config import XVilaConfig
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO, VISUAL
 from xvila.conversation import IGNORE_INDEX, PLACEHOLDERS
-from xvila.encoders import imagebind_preprocess as pre
 from xvila.encoders.imagebind import AUDIO as IB_AUDIO
 from xvila.encoders.imagebind import VISION as IB_VISION
 from xvila.encoders.imagebind import ImageBind, mean_clips
 from xvila.errors import ConfigError
+from xvila.media_worker import preprocess
 from xvila.projections import InputProjection, OutputProjection
 
 IB_KEY = {IMAGE: IB_VISION, VIDEO: IB_VISION, AUDIO: IB_AUDIO}
@@ -153,7 +153,8 @@ class XVila(nn.Module):
     @torch.no_grad()
     def encode_media(self, path: str, modality: str) -> MediaInput:
         """Decode, preprocess and encode one file; the result is cached in the chat history."""
-        features = self.encode(modality, pre.load(path, modality, self.imagebind.config)[None], highway=True)
+        # decoded in the media worker: a crashing upload cannot take the process down
+        features = self.encode(modality, preprocess(path, modality, self.imagebind.config)[None], highway=True)
         embeds = self.project_media(modality, features["pooled"], features.get("tokens"))
         highway = features["highway"][0] if "highway" in features else None
         return MediaInput(modality, embeds[0], highway, source=str(path))

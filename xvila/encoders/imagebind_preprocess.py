@@ -442,7 +442,7 @@ def _video_timeline(path) -> tuple[int, float, float] | None:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:  # tags need not be UTF-8
             for stream in container.streams.video:
                 if stream.disposition & av.stream.Disposition.attached_pic:
                     continue
