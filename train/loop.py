@@ -98,6 +98,9 @@ class TrainConfig:
     # --- precision and memory ---------------------------------------------------------------
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     load_in_4bit: bool | None = None  # None: as the init's config says; True: QLoRA
+    # True: the init folder may name base parts by local paths outside it (your own base
+    # models on a local disk); by default only its subfolders and Hub ids (xvila.checkpoint)
+    allow_outside_paths: bool = False
     gradient_checkpointing: bool = False
     # --- phase 3b ----------------------------------------------------------------------------
     condition: str = "model"  # E_text for the U-Nets: "model" (P_out of the LLM's states) or "caption"
@@ -197,7 +200,7 @@ def load_init(cfg: TrainConfig, device):
         config = XVilaConfig.from_json(folder / "config.json")
     if cfg.load_in_4bit is not None and cfg.load_in_4bit != config.load_in_4bit:
         config = config.replace(load_in_4bit=cfg.load_in_4bit, dtype="bfloat16" if cfg.load_in_4bit else config.dtype)
-    return build_xvila(config, device=device, folder=folder, seed=cfg.seed)
+    return build_xvila(config, device=device, folder=folder, seed=cfg.seed, allow_outside_paths=cfg.allow_outside_paths)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
