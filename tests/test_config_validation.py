@@ -69,7 +69,8 @@ MALFORMED = [
     ("decoders", {"image": None, "video": None}, "decoders must have exactly the keys"),
     ("decoders", {"image": 5, "video": None, "audio": None}, "decoders must be dict[str, str | None]"),
     ("llm_config", {"hidden_size": -64, "num_attention_heads": 4}, "llm_config.hidden_size must be a positive"),
-    ("llm_config", {"hidden_size": 64, "num_attention_heads": 5}, "must be a multiple of llm_config.num_attention_heads"),
+    ("llm_config", {"hidden_size": 64, "num_attention_heads": 5},
+     "must be a multiple of llm_config.num_attention_heads"),
     ("chat_template", None, "chat_template must be str"),
     ("imagebind_config", 3, "imagebind_config must be str | dict"),
 ]

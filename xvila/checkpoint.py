@@ -111,7 +111,8 @@ def _resolve_part(value: str | None, folder: Path | None) -> str | None:
 
 def _part_sources(config: XVilaConfig) -> dict[str, str]:
     """The config fields that name where a base part loads from, by field name."""
-    named = {"llm": config.llm, "imagebind": config.imagebind, **{f"decoders.{m}": v for m, v in config.decoders.items()}}
+    named = {"llm": config.llm, "imagebind": config.imagebind,
+             **{f"decoders.{m}": v for m, v in config.decoders.items()}}
     return {key: value for key, value in named.items() if value is not None}
 
 
