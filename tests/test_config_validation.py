@@ -143,3 +143,21 @@ def test_outside_paths_load_when_the_caller_allows_them_and_inside_ones_always(c
     assert torch.equal(dict(loaded.llm.get_base_model().named_parameters())[name], p)
     edit(llm="llm")  # its own subfolder, as save_pretrained writes it
     assert XVila.from_pretrained(str(folder)).config.llm == "llm"
+
+
+def test_a_part_file_linked_into_a_blob_store_is_inside_as_in_the_hub_cache(checkpoint, tmp_path):
+    """A Hub snapshot's files are symlinks into the cache's blob store: a part named by such
+    a file is the folder's own; a linked folder pointing out of it is not."""
+    from xvila.checkpoint import check_part_paths
+    from xvila.config import XVilaConfig
+
+    folder, edit = checkpoint
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "3f2a9c").write_bytes(b"weights")
+    (folder / "imagebind.pth").symlink_to(blobs / "3f2a9c")
+    (folder / "imagebind-dir").symlink_to(blobs, target_is_directory=True)
+    config = XVilaConfig.from_json(edit(imagebind="imagebind.pth") / "config.json")
+    check_part_paths(config, folder)  # raises if the file counted as outside
+    with pytest.raises(ConfigError, match="imagebind = 'imagebind-dir' is outside"):
+        check_part_paths(config.replace(imagebind="imagebind-dir"), folder)

@@ -127,15 +127,24 @@ def check_part_paths(config: XVilaConfig, folder: Path, allow_outside_paths: boo
     root = folder.resolve()
     for key, value in _part_sources(config).items():
         local = folder / value
-        if local.exists() and local.resolve().is_relative_to(root):
+        if local.exists() and _inside(root, value):
             continue  # a part stored in the folder
         if not local.exists() and is_hub_id(value):
             continue  # a Hub repo id
-        where = "is outside the checkpoint folder" if local.exists() or not local.resolve().is_relative_to(root) \
+        where = "is outside the checkpoint folder" if local.exists() or not _inside(root, value) \
             else "is neither a subfolder of the checkpoint folder nor a Hub id"
         raise ConfigError(
             f"{folder / 'config.json'}: {key} = {value!r} {where}; a part must be a subfolder of it or a Hub id "
             "(owner/name). Load it with allow_outside_paths=True only if you trust this checkpoint")
+
+
+def _inside(root: Path, value: str) -> bool:
+    """`root / value` lies in `root`. A folder is resolved, so that a symlink out of the
+    checkpoint counts as outside; a file is judged by its path alone, because the Hub cache
+    keeps a snapshot's files as symlinks into its blob store."""
+    path = root / value
+    target = path.resolve() if path.is_dir() else Path(os.path.normpath(path))
+    return target.is_relative_to(root)
 
 
 def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, folder: Path | None = None, seed: int = 0,
