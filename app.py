@@ -13,7 +13,8 @@ Each browser tab or API client is a session with its own chat and its own folder
 (uploads and generated media), under a random name that no other client is told; the
 folder is deleted when the tab closes, when an API client calls `/end_session`, or after
 `SESSION_TTL` idle seconds. Turns run on a queue with a concurrency limit (one at a time by
-default) so that the GPU is never shared by two generations.
+default) so that the GPU is never shared by two generations, and a session runs one turn at
+a time whatever the limit: a second call while its turn runs is refused with a message.
 """
 
 from __future__ import annotations
