@@ -13,7 +13,8 @@ Each browser tab or API client is a session with its own chat and its own folder
 (uploads and generated media), under a random name that no other client is told; the
 folder is deleted when the tab closes, when an API client calls `/end_session`, or after
 `SESSION_TTL` idle seconds. Turns run on a queue with a concurrency limit (one at a time by
-default) so that the GPU is never shared by two generations.
+default) so that the GPU is never shared by two generations, and a session runs one turn at
+a time whatever the limit: a second call while its turn runs is refused with a message.
 """
 
 from __future__ import annotations
@@ -128,9 +129,25 @@ class Session:
         self.turns: list[ShownTurn] = []
         self.started = 0  # turns started: each writes to a folder of its own, never reused
         self.stop = threading.Event()
-        self.busy = False
+        self.busy = False  # a turn (or an undo/clear) holds the session: see claim()
+        self._claim_lock = threading.Lock()
         self.closed = False
         self.last_used = time.monotonic()
+
+    def claim(self) -> bool:
+        """Take the session for one turn, atomically; False when a turn already holds it.
+        With --concurrency above 1 two calls of one client can run at once, and both would
+        write one history: the second is refused instead (`SessionBusy`)."""
+        with self._claim_lock:
+            if self.busy:
+                return False
+            self.busy = True
+            return True
+
+    def release(self) -> None:
+        self.busy = False
+        if self.closed:  # the tab closed or the client said goodbye while the turn ran
+            self.remove_files()
 
     def keep(self, upload: str) -> str:
         """A copy of an uploaded file in the session's folder (a hard link where possible)."""
@@ -153,6 +170,13 @@ class Session:
 
     def remove_files(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SessionBusy(XVilaError):
+    """A second turn of a session while its first one still runs."""
+
+
+BUSY = "A reply is still being generated in this session: wait for it, or press stop."
 
 
 class Sessions:
@@ -218,12 +242,38 @@ def make_sender(model):
     return send
 
 
-def run_turn(session: Session, send, text: str, uploads: list[str], options: Options) -> Iterator[ShownTurn]:
+def run_turn(session: Session, send, text: str, uploads: list[str], options: Options,
+             retry: bool = False) -> Iterator[ShownTurn]:
     """Streams one turn as snapshots of its `ShownTurn`: after each token, denoising step and medium.
 
-    Bad input ends the turn with `error` set and leaves the model's history as it was; the
-    stop flag ends it between two tokens or two denoising steps (closing `Chat.send`'s
-    generator there), keeping what was generated so far."""
+    One turn at a time per session, on every path: a call while another turn of the session
+    runs raises `SessionBusy` before anything changes. `retry` replaces the last turn with a
+    new run of its text and inputs (`text` and `uploads` are then ignored). Bad input ends
+    the turn with `error` set and leaves the model's history as it was; the stop flag ends it
+    between two tokens or two denoising steps (closing `Chat.send`'s generator there),
+    keeping what was generated so far."""
+    if not session.claim():
+        raise SessionBusy(BUSY)
+    try:
+        if retry:
+            if not session.turns:
+                return
+            last = pop_turn(session)
+            text, uploads = last.text, last.inputs
+        yield from _turn(session, send, text, uploads, options)
+    finally:
+        session.release()
+
+
+def pop_turn(session: Session) -> ShownTurn:
+    """The last turn, taken off the page and (when it got there) the model's history."""
+    last = session.turns.pop()
+    if last.in_chat:
+        session.chat.undo()
+    return last
+
+
+def _turn(session: Session, send, text: str, uploads: list[str], options: Options) -> Iterator[ShownTurn]:
     session.stop.clear()
     turn = ShownTurn(text=text or "", options=options)
     session.turns.append(turn)
@@ -233,7 +283,6 @@ def run_turn(session: Session, send, text: str, uploads: list[str], options: Opt
         turn.done = True
         yield turn
         return
-    session.busy = True
     chat = session.chat
     before = len(chat.history)
     # Its own folder per turn: after an undo the chat numbers files from the same count again,
@@ -269,9 +318,6 @@ def run_turn(session: Session, send, text: str, uploads: list[str], options: Opt
         turn.in_chat = len(chat.history) > before  # Chat.send keeps a turn once its input is accepted
         if turn.in_chat and chat.records[-1].assistant is None:  # stopped before Chat.send could close it
             chat.records[-1].assistant = turn.reply
-        session.busy = False
-        if session.closed:
-            session.remove_files()
     turn.progress, turn.done = None, True
     yield turn
 
@@ -351,49 +397,46 @@ class Handlers:
     def __init__(self, sessions: Sessions, send):
         self.sessions, self.send = sessions, send
 
-    def _stream(self, session: Session, text: str, uploads: list[str], options: Options):
+    def _stream(self, session: Session, text: str, uploads: list[str], options: Options, retry: bool = False):
         # While a turn runs, the box's send button becomes a stop button.
         busy = gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
-        for _ in run_turn(session, self.send, text, uploads, options):
-            yield to_messages(session.turns), busy
+        try:
+            for _ in run_turn(session, self.send, text, uploads, options, retry=retry):
+                yield to_messages(session.turns), busy
+        except SessionBusy as err:  # raised before the turn starts: nothing changed
+            gr.Warning(str(err))
+            yield to_messages(session.turns), gr.MultimodalTextbox()
+            return
         yield to_messages(session.turns), gr.MultimodalTextbox(submit_btn=True, stop_btn=False)
 
     def respond(self, request: gr.Request, message: dict | None, *values):
         session, message = self.sessions.get(request), message or {}
-        if session.busy:
-            gr.Warning("A reply is still being generated: wait for it, or press stop.")
-            yield to_messages(session.turns), gr.MultimodalTextbox()
-            return
         yield from self._stream(session, message.get("text") or "", list(message.get("files") or []), Options(*values))
 
     def retry(self, request: gr.Request, *values):
-        session = self.sessions.get(request)
-        if session.busy or not session.turns:
-            yield to_messages(session.turns), gr.MultimodalTextbox()
-            return
-        last = self._pop(session)
-        yield from self._stream(session, last.text, last.inputs, Options(*values))
+        yield from self._stream(self.sessions.get(request), "", [], Options(*values), retry=True)
 
     def undo(self, request: gr.Request):
         session = self.sessions.get(request)
-        if session.busy or not session.turns:
+        if not session.claim():
             return to_messages(session.turns), gr.MultimodalTextbox()
-        last = self._pop(session)
-        return to_messages(session.turns), {"text": last.text, "files": last.inputs}  # back in the box
-
-    @staticmethod
-    def _pop(session: Session) -> ShownTurn:
-        last = session.turns.pop()
-        if last.in_chat:
-            session.chat.undo()
-        return last
+        try:
+            if not session.turns:
+                return to_messages(session.turns), gr.MultimodalTextbox()
+            last = pop_turn(session)
+            return to_messages(session.turns), {"text": last.text, "files": last.inputs}  # back in the box
+        finally:
+            session.release()
 
     def clear(self, request: gr.Request):
         session = self.sessions.get(request)
-        if session.busy:
+        if not session.claim():
             gr.Warning("A reply is still being generated: press stop first, then clear.")
-        else:
+            return to_messages(session.turns)
+        try:
             session.reset()
+        finally:
+            session.release()
         return to_messages(session.turns)
 
     def stop(self, request: gr.Request):
@@ -408,9 +451,13 @@ class Handlers:
         options = Options(reply_with, highway, alpha, compare, steps, guidance, seed, video_frames,
                           audio_seconds, temperature, top_p, max_new_tokens)
         turn = None
-        for turn in run_turn(session, self.send, message.get("text") or "", list(message.get("files") or []), options):
-            if not turn.error:
-                yield turn.reply, [m.path for m in turn.media]
+        try:
+            for turn in run_turn(session, self.send, message.get("text") or "", list(message.get("files") or []),
+                                 options):
+                if not turn.error:
+                    yield turn.reply, [m.path for m in turn.media]
+        except SessionBusy as err:  # another call of this client is still running its turn
+            raise gr.Error(str(err), print_exception=False) from None
         if turn is not None and turn.error:
             raise gr.Error(turn.error, print_exception=False)
 

@@ -15,9 +15,11 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import astuple
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -253,6 +255,30 @@ def test_an_oversized_upload_is_refused_and_a_small_one_accepted(server):
     assert upload(10 * 1024) == 200
 
 
+def test_concurrent_api_calls_of_one_session_do_not_interleave(tmp_path):
+    """With --concurrency 4 the queue would run three calls of one client at once on one
+    history; the session takes one turn at a time and refuses the others with a message."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    with app_server(tmp_path, "--concurrency", "4") as (url, _):
+        client = Client(url, verbose=False)
+        jobs = [client.submit({"text": f"call {i}", "files": []}, reply_with="text", max_new_tokens=600,
+                              temperature=1.0, api_name="/chat") for i in range(3)]
+        answered, refused = {}, []
+        for i, job in enumerate(jobs):
+            try:
+                answered[f"call {i}"] = job.result()[0]
+            except AppError as err:
+                refused.append(str(err))
+        history = client.predict(api_name="/history")
+    assert refused and all("still being generated" in r for r in refused), refused
+    assert len(answered) + len(refused) == 3 and answered
+    # the history holds exactly the answered turns, each with its own whole reply
+    assert {t["user"]: t["reply"] for t in history} == answered and len(history) == len(answered)
+    assert all(t["error"] is None for t in history)
+
+
 # ------------------------------------------------------------------------------ in-process
 @pytest.fixture(scope="module")
 def app():
@@ -390,3 +416,41 @@ def test_turns_share_one_gpu_queue(app):
         assert alpha.value == 0.45 and alpha.step == 0.05  # α defaults to the checkpoint's
     finally:
         demo.close()
+
+
+def test_one_turn_at_a_time_per_session_on_every_path(app, tmp_path):
+    """While a turn runs, a second API call, a UI send, retry, undo and clear of the same
+    session are refused and change nothing; another session is not held up."""
+    import gradio as gr
+
+    sessions = app.Sessions(STUB_MODEL, tmp_path)
+    started, go = threading.Event(), threading.Event()
+
+    def send(history, system_prompt, outputs_dir, text, media, kwargs):
+        yield {"kind": "history", "history": {"records": history["records"] + [{"user": text, "assistant": text}]}}
+        if text == "first":
+            started.set()
+            assert go.wait(10)
+        yield {"kind": "text", "text": f"reply to {text}"}
+
+    on, values = app.Handlers(sessions, send), astuple(app.Options(max_new_tokens=8))
+    one, other = SimpleNamespace(session_hash="one"), SimpleNamespace(session_hash="other")
+    done: list = []
+    first = threading.Thread(target=lambda: done.append(list(on.api_chat({"text": "first"}, *values, request=one))))
+    first.start()
+    assert started.wait(10)
+    with pytest.raises(gr.Error, match="still being generated"):
+        list(on.api_chat({"text": "second"}, *values, request=one))
+    with pytest.warns(UserWarning, match="still being generated"):
+        list(on.respond(one, {"text": "third", "files": []}, *values))
+    list(on.retry(one, *values))
+    on.undo(one)
+    on.clear(one)
+    assert list(on.api_chat({"text": "elsewhere"}, *values, request=other))[-1] == ("reply to elsewhere", [])
+    go.set()
+    first.join(10)
+    assert done[0][-1] == ("reply to first", [])
+    session = sessions.get(one)
+    assert [(t.text, t.reply) for t in session.turns] == [("first", "reply to first")]
+    assert session.chat.history == [("first", "first")] and not session.busy
+    assert list(on.api_chat({"text": "next"}, *values, request=one))[-1] == ("reply to next", [])  # free again

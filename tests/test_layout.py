@@ -161,7 +161,7 @@ LAYERS = [
     {"xvila.errors", "xvila.constants", "xvila.projections", "xvila.encoders", "xvila.decoders", "train",
      "xvila.encoders.clip_tokenizer"},
     {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.config", "xvila.conversation"},
-    {"xvila.media", "xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "xvila.engine"},
+    {"xvila.media", "xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "xvila.engine", "train.checksums"},
     {"xvila.encoders.imagebind_preprocess", "xvila.encoders.imagebind_weights", "xvila.decoders.base", "train.data"},
     {"xvila.decoders.image", "xvila.decoders.video", "xvila.decoders.audio", "xvila.model", "train.adapters",
      "train.builders"},

@@ -531,3 +531,74 @@ def test_one_table_of_phases_drives_the_cli_and_the_trainable_groups():
     assert parse(["phase3a", "--config", "c.yaml", "steps=5"]).overrides == ["steps=5"]
     with pytest.raises(SystemExit):
         parse(["phase4", "--config", "c.yaml"])
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+@pytest.fixture(scope="module")
+def checkpointed(world, tmp_path_factory):
+    """Phase 1 run to step 4 with checkpoints at steps 2 and 4: (its config, its folder)."""
+    tmp = tmp_path_factory.mktemp("checkpointed")
+    cfg = config(world, tmp, "1", MANIFESTS["1"], steps=4, save_every=2, keep_last=3)
+    run_phase(cfg)
+    return cfg, Path(cfg["out_dir"])
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_bit_in_the_last_tensor(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the tensor data, past the header: the file still parses
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated trainable": ("trainable.safetensors", _truncate),
+    "truncated optimizer": ("optimizer.safetensors", _truncate),
+    "truncated rng": ("rng-rank0.safetensors", _truncate),
+    "truncated state": ("state.json", _truncate),
+    "deleted optimizer.json": ("optimizer.json", Path.unlink),
+    "bit flip in trainable": ("trainable.safetensors", _flip_a_bit_in_the_last_tensor),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_good_one_chosen(checkpointed, tmp_path, kind):
+    import shutil
+
+    from train.checksums import DamagedCheckpointWarning, newest_intact
+
+    _, out = checkpointed
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    older, newest = tmp_path / "checkpoints/step-000002", tmp_path / "checkpoints/step-000004"
+    assert newest_intact([older, newest]) == newest  # intact as written
+    name, harm = DAMAGES[kind]
+    harm(newest / name)
+    if kind == "bit flip in trainable":  # silent damage: the file still loads, only its checksum tells
+        assert set(load_file(newest / name)) == set(load_file(older / name))
+    with pytest.warns(DamagedCheckpointWarning, match=f"step-000004/{name}"):
+        assert newest_intact([older, newest]) == older
+    harm(older / name)
+    with pytest.raises(ResumeError, match=f"step-000002/{name}") as info:
+        newest_intact([older, newest])
+    assert f"step-000004/{name}" in str(info.value)
+
+
+def test_resume_falls_back_past_a_bit_flip_and_ends_bit_identical(checkpointed, tmp_path, capsys):
+    """--resume after a bit flip in the newest checkpoint: a warning, the step-2 checkpoint,
+    the damaged one set aside, and the run ends where the undamaged run ended, bit for bit."""
+    import shutil
+
+    from train.checksums import DamagedCheckpointWarning
+
+    cfg, out = checkpointed
+    shutil.copytree(out / "checkpoints", tmp_path / "run/checkpoints")
+    damaged = tmp_path / "run/checkpoints/step-000004"
+    _flip_a_bit_in_the_last_tensor(damaged / "trainable.safetensors")
+    with pytest.warns(DamagedCheckpointWarning, match="trainable.safetensors does not match its SHA-256"):
+        result = run_phase({**cfg, "out_dir": str(tmp_path / "run")}, resume=True)
+    assert "resumed from" in capsys.readouterr().out and result["step"] == 4
+    assert (tmp_path / "run/checkpoints/step-000004.damaged").is_dir()
+    a, b = (load_file(p / "checkpoints/step-000004/trainable.safetensors") for p in (out, tmp_path / "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

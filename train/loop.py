@@ -19,9 +19,11 @@ A checkpoint is a folder written whole or not at all (`step-000120.tmp` renamed 
         trainable.safetensors       the parameters the phase trains, by name
         optimizer[-rank{r}].safetensors + optimizer[-rank{r}].json   its state (tensors + the rest)
         rng-rank{r}.safetensors + rng-rank{r}.json                   torch/CUDA, numpy, python RNGs
-        state.json                  step, data positions per rank, scheduler, skip counts (written last)
+        state.json                  step, data positions per rank, scheduler, skip counts
+        manifest.json               every file above with its size and SHA-256 (written last; train.checksums)
 
-Resuming loads all of it; the data position is the number of micro-batches each rank has
+Resuming takes the newest checkpoint whose files match their manifest (warning about each
+newer, damaged one) and loads all of it; the data position is the number of micro-batches each rank has
 drawn, and micro-batch k is a pure function of (seed, k, rank) (`train.batches`), so an
 interrupted and resumed run reproduces the uninterrupted one bit for bit.
 """
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -49,6 +52,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from train import batches, export
+from train.checksums import newest_intact, write_manifest
 from train.phases import PHASES
 from xvila.checkpoint import build_xvila
 from xvila.config import PRESETS, XVilaConfig
@@ -57,6 +61,7 @@ from xvila.errors import ConfigError, ResumeError, XVilaError
 from xvila.fileio import write_json, write_safetensors
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")  # a finished save; `step-N.tmp` is one that never finished
 FINAL = "final"
 
 
@@ -93,6 +98,9 @@ class TrainConfig:
     # --- precision and memory ---------------------------------------------------------------
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     load_in_4bit: bool | None = None  # None: as the init's config says; True: QLoRA
+    # True: the init folder may name base parts by local paths outside it (your own base
+    # models on a local disk); by default only its subfolders and Hub ids (xvila.checkpoint)
+    allow_outside_paths: bool = False
     gradient_checkpointing: bool = False
     # --- phase 3b ----------------------------------------------------------------------------
     condition: str = "model"  # E_text for the U-Nets: "model" (P_out of the LLM's states) or "caption"
@@ -192,7 +200,7 @@ def load_init(cfg: TrainConfig, device):
         config = XVilaConfig.from_json(folder / "config.json")
     if cfg.load_in_4bit is not None and cfg.load_in_4bit != config.load_in_4bit:
         config = config.replace(load_in_4bit=cfg.load_in_4bit, dtype="bfloat16" if cfg.load_in_4bit else config.dtype)
-    return build_xvila(config, device=device, folder=folder, seed=cfg.seed)
+    return build_xvila(config, device=device, folder=folder, seed=cfg.seed, allow_outside_paths=cfg.allow_outside_paths)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -535,12 +543,12 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a `.tmp` folder is a save that never finished)."""
+        """Finished checkpoints, oldest first (a `.tmp` folder is a save that never finished);
+        whether their files are intact is `resume`'s check."""
         if not self.ckpt_dir.is_dir():
             return []
-        done = [p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                and (p / "state.json").is_file()]
-        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+        done = [p for p in self.ckpt_dir.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+        return sorted(done, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
     def save(self) -> Path:
         """Write the checkpoint of the current step: into `step-N.tmp`, renamed when whole;
@@ -572,7 +580,8 @@ class Run:
                 "samples": self.progress.samples,
                 "scheduler": self.scheduler.state_dict(), "trainable": sorted(trainable(model)),
                 "sharded_optimizer": sharded,
-            }, tmp / "state.json")  # last: a folder with it is complete
+            }, tmp / "state.json")
+            write_manifest(tmp)  # last: every rank's files are written (the barrier above)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -584,14 +593,16 @@ class Run:
         return final
 
     def resume(self) -> Progress:
-        """With --resume, load the latest complete checkpoint into the model, optimiser,
+        """With --resume, load the newest intact checkpoint (its files match its manifest;
+        a damaged newer one is warned about and passed over) into the model, optimiser,
         scheduler and RNGs; returns where the run stands (step 0 when starting fresh)."""
         if not self.resuming:
             return self.progress
         found = self.checkpoints()
         if not found:
             raise ResumeError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
-        folder = found[-1]
+        folder = newest_intact(found)
+        self._set_aside(found[found.index(folder) + 1:])
         state = json.loads((folder / "state.json").read_text())
         if state["phase"] != self.cfg.phase:
             raise ResumeError(f"{folder} is a phase-{state['phase']} checkpoint, this is phase {self.cfg.phase}")
@@ -624,6 +635,19 @@ class Run:
         self.last_checkpoint = folder
         self.accelerator.print(f"resumed from {folder} (step {state['step']}, {state['samples']:,} samples seen)")
         return self.progress
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        """Rename damaged checkpoints newer than the one resumed to `step-N.damaged`: kept for
+        a look, but out of the way of `keep_last` (which must not delete the run's new, good
+        checkpoints in their favour) and of the next --resume."""
+        self.accelerator.wait_for_everyone()  # every rank has chosen before any folder moves
+        if damaged and self.accelerator.is_main_process:
+            for p in damaged:
+                aside = p.with_name(p.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(p, aside)
+                self.accelerator.print(f"set aside the damaged checkpoint {p} as {aside.name}")
+        self.accelerator.wait_for_everyone()
 
     def attach(self, objective, optimizer, scheduler) -> None:
         """The prepared objects checkpoints save and resume."""

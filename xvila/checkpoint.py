@@ -27,8 +27,9 @@ from xvila.decoders.image import ImageDecoder
 from xvila.decoders.video import VideoDecoder
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.encoders.imagebind_weights import load_imagebind, save_imagebind
-from xvila.errors import WeightsUnavailableError
-from xvila.fileio import default_device, load_strict, missing_from_cache, read_state_dict, write_json, write_safetensors
+from xvila.errors import ConfigError, WeightsUnavailableError
+from xvila.fileio import (default_device, is_hub_id, load_strict, missing_from_cache, read_state_dict, write_json,
+                          write_safetensors)
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
 from xvila.model import XVila
 
@@ -107,18 +108,58 @@ def _resolve_part(value: str | None, folder: Path | None) -> str | None:
     return value
 
 
+def _part_sources(config: XVilaConfig) -> dict[str, str]:
+    """The config fields that name where a base part loads from, by field name."""
+    named = {"llm": config.llm, "imagebind": config.imagebind,
+             **{f"decoders.{m}": v for m, v in config.decoders.items()}}
+    return {key: value for key, value in named.items() if value is not None}
+
+
+def check_part_paths(config: XVilaConfig, folder: Path, allow_outside_paths: bool = False) -> None:
+    """A checkpoint folder's config may name its base parts by a subfolder of it or by a Hub
+    id (owner/name), nothing else: a config from elsewhere (the Hub, a download) must not
+    make us read `../other/llm`, `/home/...` or `../../etc/passwd`. A caller that trusts the
+    folder (its own training runs, base models kept on a local disk) passes
+    `allow_outside_paths=True`."""
+    if allow_outside_paths:
+        return
+    root = folder.resolve()
+    for key, value in _part_sources(config).items():
+        local = folder / value
+        if local.exists() and _inside(root, value):
+            continue  # a part stored in the folder
+        if not local.exists() and is_hub_id(value):
+            continue  # a Hub repo id
+        where = "is outside the checkpoint folder" if local.exists() or not _inside(root, value) \
+            else "is neither a subfolder of the checkpoint folder nor a Hub id"
+        raise ConfigError(
+            f"{folder / 'config.json'}: {key} = {value!r} {where}; a part must be a subfolder of it or a Hub id "
+            "(owner/name). Load it with allow_outside_paths=True only if you trust this checkpoint")
+
+
+def _inside(root: Path, value: str) -> bool:
+    """`root / value` lies in `root`. A folder is resolved, so that a symlink out of the
+    checkpoint counts as outside; a file is judged by its path alone, because the Hub cache
+    keeps a snapshot's files as symlinks into its blob store."""
+    path = root / value
+    target = path.resolve() if path.is_dir() else Path(os.path.normpath(path))
+    return target.is_relative_to(root)
+
+
 def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, folder: Path | None = None, seed: int = 0,
-                offload_decoders: bool = False):
+                offload_decoders: bool = False, allow_outside_paths: bool = False):
     """An XVila from `config`: base parts loaded (or random where named None), X-VILA parts
-    fresh (seeded) unless `folder` is a checkpoint to read them from."""
+    fresh (seeded) unless `folder` is a checkpoint to read them from (its part paths
+    confined to it unless `allow_outside_paths`: see `check_part_paths`)."""
     device = default_device(device)
+    if folder is not None:
+        check_part_paths(config, folder, allow_outside_paths)
     check_offline_availability(config, folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ib_source = _resolve_part(config.imagebind, folder)
         if ib_source is None:
-            ib_cfg = config.imagebind_config
-            imagebind = ImageBind(ImageBindConfig.from_name(ib_cfg) if isinstance(ib_cfg, str) else ImageBindConfig(**ib_cfg))
+            imagebind = ImageBind(_imagebind_config(config.imagebind_config))
             imagebind.eval().requires_grad_(False)
         else:
             imagebind = load_imagebind(ib_source)
@@ -148,6 +189,15 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     model.p_out.to(device)
     model.decoders.to("cpu" if offload_decoders else device)
     return model.eval()
+
+
+def _imagebind_config(value: str | dict) -> ImageBindConfig:
+    if isinstance(value, str):
+        return ImageBindConfig.from_name(value)
+    try:
+        return ImageBindConfig(**value)
+    except TypeError as err:  # an unknown or missing key
+        raise ConfigError(f"imagebind_config: {err}") from None
 
 
 def _xvila_parts(model) -> nn.ModuleDict:
@@ -182,9 +232,12 @@ def _load_llm_tokenizer(config: XVilaConfig, source: str):
         raise WeightsUnavailableError(f"LLM tokenizer ({source}): {err}") from err
 
 
-def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None, offload_decoders: bool = False):
+def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None, offload_decoders: bool = False,
+               allow_outside_paths: bool = False):
     """A preset name, a checkpoint folder, or a Hub repo holding one. `offload_decoders`
-    keeps the decoders on the CPU between requests (for a 24 GB GPU with the 4-bit LLM)."""
+    keeps the decoders on the CPU between requests (for a 24 GB GPU with the 4-bit LLM).
+    The folder's `config.json` is validated (`ConfigError` naming the field) and its part
+    paths confined to the folder unless `allow_outside_paths`."""
     if isinstance(source, str) and source in PRESETS:
         return build_xvila(XVilaConfig.from_name(source), device, offload_decoders=offload_decoders)
     folder = Path(source).expanduser()
@@ -200,7 +253,7 @@ def load_xvila(source: str | os.PathLike, device: str | torch.device | None = No
     if not (folder / "config.json").is_file():
         raise WeightsUnavailableError(f"{folder} is not an X-VILA checkpoint: it has no config.json")
     return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder,
-                       offload_decoders=offload_decoders)
+                       offload_decoders=offload_decoders, allow_outside_paths=allow_outside_paths)
 
 
 def _base_llm_state(llm) -> dict[str, torch.Tensor]:

@@ -6,16 +6,21 @@
 
 Base parts are named by where they load from (a Hub id or a folder); `None` means "build
 with random weights from the size given beside it" (tiny-random, and tests). Nothing here
-touches the network or builds a model.
+touches the network or builds a model. Every field is checked when a config is made (from
+a preset, `replace` or a checkpoint's `config.json`): a wrong type or value is a
+`ConfigError` that names the field, before any part is built.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
 from xvila.conversation import CHAT_TEMPLATES, VICUNA_TEMPLATE
@@ -76,7 +81,9 @@ class XVilaConfig:
     highway_alpha: float = 0.6  # VEH conditioning rate α (eq. 4); the demo's default
 
     def __post_init__(self):
-        for key in ("tokens_per_input", "gen_tokens", "cond_shapes"):
+        _check_types(self)
+        _check_sizes(self)
+        for key in ("tokens_per_input", "gen_tokens", "cond_shapes", "decoders"):
             d = getattr(self, key)
             if set(d) != set(MEDIA_MODALITIES):
                 raise ConfigError(f"{key} must have exactly the keys {MEDIA_MODALITIES}, got {sorted(d)}")
@@ -100,6 +107,8 @@ class XVilaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "XVilaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"an X-VILA config is a JSON object of settings, not a {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         # Keys older checkpoints wrote and nothing reads any more (clip_tokenizer: ImageBind's
         # text branch is not on X-VILA's data path).
@@ -111,7 +120,14 @@ class XVilaConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "XVilaConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +149,65 @@ class XVilaConfig:
     def gen_token_names(self, modality: str) -> list[str]:
         tag = {IMAGE: "IMG", VIDEO: "VID", AUDIO: "AUD"}[modality]
         return [f"[{tag}{i}]" for i in range(self.gen_tokens[modality])]
+
+
+# ---------------------------------------------------------------------------- checks
+@functools.cache
+def _adapters() -> dict[str, TypeAdapter]:
+    """A strict pydantic validator per field, from the annotations (no str -> int coercion,
+    no bool for an int)."""
+    hints = typing.get_type_hints(XVilaConfig)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(XVilaConfig)}
+
+
+def _check_types(config: XVilaConfig) -> None:
+    for f in fields(config):
+        value = getattr(config, f.name)
+        try:
+            _adapters()[f.name].validate_python(value, strict=True)
+        except ValidationError as err:
+            where = ".".join(str(part) for part in err.errors()[0]["loc"] if part not in ("str", "dict", "none"))
+            detail = f" ({where}: {err.errors()[0]['msg'].lower()})" if where else ""
+            raise ConfigError(f"{f.name} must be {f.type}, not {type(value).__name__} {value!r}{detail}") from None
+
+
+# LlamaConfig sizes a random LLM is built from (`llm_config`): each a positive integer.
+LLM_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings", "vocab_size")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, not {value!r}")
+
+
+def _check_sizes(config: XVilaConfig) -> None:
+    """Values the types allow but the model cannot be built with (or would fail on at the
+    first chat): zero or negative sizes, heads that do not divide the width, rates outside [0, 1)."""
+    for key in ("max_context", "p_out_dim", "p_out_layers", "p_out_heads", "lora_r", "lora_alpha"):
+        _positive(key, getattr(config, key))
+    if config.p_out_dim % config.p_out_heads:
+        raise ConfigError(f"p_out_dim {config.p_out_dim} must be a multiple of p_out_heads {config.p_out_heads}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), not {config.lora_dropout}")
+    if not config.lora_targets:
+        raise ConfigError("lora_targets must name at least one module")
+    for m, shape in config.cond_shapes.items():
+        if len(shape) != 2 or any(n < 1 for n in shape):
+            raise ConfigError(f"cond_shapes.{m} must be two positive sizes [tokens, width], not {shape}")
+    for key in ("llm", "imagebind", "name"):
+        if getattr(config, key) == "":
+            raise ConfigError(f"{key} must not be empty")
+    if config.decoders and any(v == "" for v in config.decoders.values()):
+        raise ConfigError("decoders must name a Hub id, a subfolder or null for each modality, not an empty string")
+    for key in LLM_SIZES:
+        if config.llm_config and key in config.llm_config:
+            _positive(f"llm_config.{key}", config.llm_config[key])
+    llm = config.llm_config or {}
+    if isinstance(llm.get("hidden_size"), int) and isinstance(llm.get("num_attention_heads"), int) \
+            and llm["hidden_size"] % llm["num_attention_heads"]:
+        raise ConfigError(f"llm_config.hidden_size {llm['hidden_size']} must be a multiple of "
+                          f"llm_config.num_attention_heads {llm['num_attention_heads']}")
 
 
 PRESETS: dict[str, dict] = {

@@ -90,13 +90,16 @@ class XVila(nn.Module):
     # ------------------------------------------------------------------ entry points
     @classmethod
     def from_pretrained(cls, source: str = "tiny-random", device: str | torch.device | None = None,
-                        offload_decoders: bool = False) -> "XVila":
+                        offload_decoders: bool = False, allow_outside_paths: bool = False) -> "XVila":
         """A preset name (`xvila-7b`, `xvila-7b-4bit`, `tiny-random`), a folder written by
         `save_pretrained`, or a Hub repo id holding such a folder. `offload_decoders` keeps
-        the decoders on the CPU between requests (a 24 GB GPU with the 4-bit LLM)."""
+        the decoders on the CPU between requests (a 24 GB GPU with the 4-bit LLM). A
+        folder's parts must lie in it or be Hub ids unless `allow_outside_paths` (a
+        checkpoint you trust that names base models on a local disk)."""
         from xvila.checkpoint import load_xvila
 
-        return load_xvila(source, device=device, offload_decoders=offload_decoders)
+        return load_xvila(source, device=device, offload_decoders=offload_decoders,
+                          allow_outside_paths=allow_outside_paths)
 
     def save_pretrained(self, folder, write_decoders: tuple[str, ...] = ()) -> None:
         """See `xvila.checkpoint.save_xvila`; `write_decoders` names fine-tuned decoders to
