@@ -26,9 +26,12 @@ from xvila.decoders.controller import VisualController
 from xvila.decoders.image import ImageDecoder
 from xvila.decoders.video import VideoDecoder
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
-from xvila.encoders.imagebind_weights import load_imagebind, save_imagebind
+from xvila.encoders.imagebind_weights import IMAGEBIND_FILES, load_imagebind, save_imagebind
 from xvila.errors import WeightsUnavailableError
-from xvila.fileio import default_device, load_strict, missing_from_cache, read_state_dict, write_json, write_safetensors
+from xvila.fileio import (
+    Location, default_device, load_strict, missing_repos_message, offline_missing, read_state_dict, write_json,
+    write_safetensors,
+)
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
 from xvila.model import XVila
 
@@ -47,28 +50,35 @@ def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
     return config.torch_dtype(device)
 
 
-def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str, str | None]]:
-    """(repo, a file that must be there, revision) of every base part named by Hub id
-    (parts stored in the checkpoint folder, or given as local paths, are not)."""
-    parts = []
+DECODER_CLASSES = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
+
+
+def _part_locations(config: XVilaConfig, folder: Path | None) -> dict[str, Location]:
+    """{"what/part": where} of every base part `build_xvila` will load: the LLM and its
+    tokenizer, ImageBind, and each decoder's parts (a local folder, e.g. one stored in the
+    checkpoint, is a Location too; the offline check skips those)."""
+    where: dict[str, Location] = {}
     llm, imagebind = _resolve_part(config.llm, folder), _resolve_part(config.imagebind, folder)
-    if llm and not Path(llm).exists():
-        parts += [(llm, "config.json", config.llm_revision), (llm, "tokenizer_config.json", config.llm_revision)]
-    if imagebind and not Path(imagebind).exists():
-        parts.append((imagebind, "model.safetensors", None))
-    return parts
+    if llm and not Path(llm).is_file():
+        where["LLM/weights"] = Location(llm, None, config.llm_revision, "config.json")
+        where["LLM/tokenizer"] = Location(llm, None, config.llm_revision, "tokenizer_config.json")
+    if imagebind and not Path(imagebind).is_file():  # a file: Meta's imagebind_huge.pth
+        where["ImageBind/weights"] = Location(imagebind, None, None, IMAGEBIND_FILES[0])
+    for m, source in config.decoders.items():
+        source = _resolve_part(source, folder)
+        if source is not None:
+            where.update({f"{m} decoder/{name}": w for name, w in DECODER_CLASSES[m].locations(source).items()})
+    return where
 
 
 def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
-    """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
-    instead of failing on the first after minutes of loading."""
-    missing = [f"{repo} ({name})" for repo, name, _ in missing_from_cache(_hub_parts(config, folder))]
-    if missing:
-        raise WeightsUnavailableError(
-            f"{config.name}: HF_HUB_OFFLINE is set and these repos are not in the local Hub cache: "
-            f"{', '.join(missing)}. Download them once with network (`hf download REPO`), "
-            "or start from the offline preset `tiny-random`."
-        )
+    """With HF_HUB_OFFLINE set, name every base repo missing from the local cache, with the
+    command that downloads it, before anything loads (not the first after minutes of loading)."""
+    missing = offline_missing(_part_locations(config, folder))
+    if missing:  # one entry per repo, labelled by what it is for ("video decoder", "LLM")
+        labels = {key: list(dict.fromkeys(part.split("/")[0] for part in parts)) for key, parts in missing.items()}
+        raise WeightsUnavailableError(f"{config.name}: {missing_repos_message(labels)} Or start from the offline "
+                                      "preset `tiny-random`.")
 
 
 def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size: int):
@@ -159,7 +169,7 @@ def _xvila_parts(model) -> nn.ModuleDict:
 def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | None, vision_dim: int, seed: int) -> dict:
     """One decoder per modality (random tiny parts where the config names none), each image
     and video decoder with a visual controller sized from its U-Net."""
-    classes = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
+    classes = DECODER_CLASSES
     decoders = {}
     for m, source in config.decoders.items():
         source = _resolve_part(source, folder)

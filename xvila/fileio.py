@@ -233,16 +233,33 @@ def _check_loading_info(part: nn.Module, info: dict, what: str, unexpected: bool
 
 def _check_offline(layout: dict[str, Location], what: str) -> None:
     """With HF_HUB_OFFLINE set, name every Hub repo of `layout` missing from the local cache."""
+    missing = offline_missing(layout)
+    if missing:
+        raise WeightsUnavailableError(f"{what}: {missing_repos_message(missing)}")
+
+
+def offline_missing(layout: dict[str, Location]) -> dict[tuple[str, str | None], list[str]]:
+    """With HF_HUB_OFFLINE set, {(repo, revision): [its parts]} of the Hub repos of `layout`
+    missing from the local cache (empty online, or when everything is cached)."""
     wanted = {(w.source, f"{w.subfolder}/{w.config_name}" if w.subfolder else w.config_name, w.revision): name
               for name, w in layout.items() if not w.is_local}
-    missing: dict[str, list[str]] = {}
+    missing: dict[tuple[str, str | None], list[str]] = {}
     for repo, file, revision in missing_from_cache(list(wanted)):
-        missing.setdefault(repo + (f"@{revision}" if revision else ""), []).append(wanted[repo, file, revision])
-    if missing:
-        repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
-        raise WeightsUnavailableError(
-            f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
-            "once with network (`hf download REPO [--revision REV]`), or pass a local folder.")
+        missing.setdefault((repo, revision), []).append(wanted[repo, file, revision])
+    return missing
+
+
+def download_command(repo: str, revision: str | None = None) -> str:
+    """The command that puts `repo` (at `revision`) into the local Hub cache."""
+    return f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+
+
+def missing_repos_message(missing: dict[tuple[str, str | None], list[str]]) -> str:
+    """Each missing repo, what it is for, and the exact command that fetches it; one line
+    (the demo prints it as its one line of explanation)."""
+    commands = "; ".join(f"`{download_command(repo, rev)}` ({', '.join(parts)})" for (repo, rev), parts in missing.items())
+    return (f"HF_HUB_OFFLINE is set and {len(missing)} Hub repo(s) are not in the local cache. Download them once "
+            f"with network: {commands}; or pass local folders.")
 
 
 def _hint(source: str) -> str:

@@ -201,6 +201,24 @@ def load_unet(where: Location | str, variant: str, dtype: torch.dtype | None = N
     return unet
 
 
+def _resolve(source, variant: str | None, base: str) -> tuple[str, str, dict]:
+    """(source, variant, decoder.json) as `from_pretrained` reads them: a folder written by
+    `save_pretrained` names its variant; otherwise the variant's default repo."""
+    meta = {}
+    if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
+        source = str(Path(source).expanduser())
+        meta = json.loads((Path(source) / DECODER_CONFIG).read_text())
+        if variant is not None and variant != meta["variant"]:
+            raise ConfigError(f"{source} holds a {meta['variant']} video decoder, not {variant}")
+    variant = meta.get("variant") or variant or "videocrafter2"
+    if variant not in VARIANTS:
+        raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
+    if source is None:
+        source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
+    source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+    return source, variant, meta
+
+
 def _check_fps(unet, variant: str, what: str) -> None:
     if variant == "videocrafter2" and unet.fps_embedding is None:
         raise WeightsUnavailableError(f"{what} has fps_cond=false; VideoCrafter2's takes fps")
@@ -315,24 +333,21 @@ class VideoDecoder(Decoder):
         `device` defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
         device = default_device(device)
         dtype = dtype or default_dtype(device)
-        meta = {}
-        if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
-            source = str(Path(source).expanduser())
-            meta = json.loads((Path(source) / DECODER_CONFIG).read_text())
-            if variant is not None and variant != meta["variant"]:
-                raise ConfigError(f"{source} holds a {meta['variant']} video decoder, not {variant}")
-        variant = meta.get("variant") or variant or "videocrafter2"
-        if variant not in VARIANTS:
-            raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
-        if source is None:
-            source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
-        source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+        source, variant, meta = _resolve(source, variant, base)
         what = f"video decoder ({variant}, {source})"
         layout = _layout(source, variant, base, base_revision)
         parts = load_parts(source, _loaders(variant, dtype), what, layout, unexpected=True)
         _check_fps(parts["unet"], variant, f"{what}: the U-Net in {layout['unet']}")
         decoder = cls(**parts, variant=variant, size=meta.get("size"), condition_fps=meta.get("condition_fps"))
         return own_memory(decoder.to(device=device, dtype=dtype))
+
+    @classmethod
+    def locations(cls, source: str | os.PathLike | None = None, variant: str | None = None, base: str = ZEROSCOPE_REPO,
+                  base_revision: str | None = ZEROSCOPE_REVISION) -> dict[str, Location]:
+        """Where `from_pretrained` with the same arguments reads each part (the assembler's
+        offline check looks them up before anything loads)."""
+        source, variant, _ = _resolve(source, variant, base)
+        return _layout(source, variant, base, base_revision)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Each part with its library's `save_pretrained` (safetensors) in its subfolder, then
