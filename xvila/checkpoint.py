@@ -9,6 +9,7 @@ import (a documented hook).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from xvila.fileio import (
     write_safetensors,
 )
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
-from xvila.model import XVila
+from xvila.model import IMAGEBIND_TOWERS, XVila
 
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
@@ -128,10 +129,11 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
         ib_source = _resolve_part(config.imagebind, folder)
         if ib_source is None:
             ib_cfg = config.imagebind_config
-            imagebind = ImageBind(ImageBindConfig.from_name(ib_cfg) if isinstance(ib_cfg, str) else ImageBindConfig(**ib_cfg))
+            ib_cfg = ImageBindConfig.from_name(ib_cfg) if isinstance(ib_cfg, str) else ImageBindConfig(**ib_cfg)
+            imagebind = ImageBind(dataclasses.replace(ib_cfg, modalities=IMAGEBIND_TOWERS))
             imagebind.eval().requires_grad_(False)
         else:
-            imagebind = load_imagebind(ib_source)
+            imagebind = load_imagebind(ib_source, modalities=IMAGEBIND_TOWERS)
         llm_source = _resolve_part(config.llm, folder)
         if folder is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -146,7 +148,10 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
         else:
             llm = wrap_lora(llm, config, new_ids)
         model = XVila(config, imagebind, llm, tokenizer)
-        model.decoders = nn.ModuleDict(_build_decoders(config, device, folder, imagebind.config.vision_embed_dim, seed))
+        # Offloaded decoders load on the CPU and stay there until a request needs one.
+        decoder_device = torch.device("cpu") if offload_decoders else device
+        model.decoders = nn.ModuleDict(_build_decoders(config, device, decoder_device, folder,
+                                                       imagebind.config.vision_embed_dim, seed))
     model.offload_decoders = offload_decoders
     if folder is not None:
         parts = read_state_dict(folder / XVILA_WEIGHTS)
@@ -156,7 +161,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     model.imagebind.to(device=device, dtype=_torch_dtype(config, device))
     model.p_in.to(device)
     model.p_out.to(device)
-    model.decoders.to("cpu" if offload_decoders else device)
+    model.decoders.to(decoder_device)
     return model.eval()
 
 
@@ -166,9 +171,11 @@ def _xvila_parts(model) -> nn.ModuleDict:
     return nn.ModuleDict({"p_in": model.p_in, "p_out": model.p_out, "controllers": nn.ModuleDict(controllers)})
 
 
-def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | None, vision_dim: int, seed: int) -> dict:
+def _build_decoders(config: XVilaConfig, device: torch.device, decoder_device: torch.device, folder: Path | None,
+                    vision_dim: int, seed: int) -> dict:
     """One decoder per modality (random tiny parts where the config names none), each image
-    and video decoder with a visual controller sized from its U-Net."""
+    and video decoder with a visual controller sized from its U-Net; loaded onto
+    `decoder_device`, in the dtype they compute in on `device`."""
     classes = DECODER_CLASSES
     decoders = {}
     for m, source in config.decoders.items():
@@ -177,7 +184,7 @@ def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | No
         if source is None:
             decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
         else:
-            decoder = classes[m].from_pretrained(source, device=device, dtype=dtype)
+            decoder = classes[m].from_pretrained(source, device=decoder_device, dtype=dtype)
         if m in VISUAL:  # in the U-Net's dtype: its residuals are added to the U-Net's skips
             decoder.controller = VisualController.from_unet(decoder.unet, vision_dim).to(dtype=dtype)
         decoders[m] = decoder

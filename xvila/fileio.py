@@ -101,6 +101,15 @@ def resolve_file(source: str | os.PathLike, filenames: tuple[str, ...], what: st
                                   f"({'; '.join(errors)}). {hint}.")
 
 
+def optional_hub_file(repo_id: str, filename: str) -> Path | None:
+    """`filename` of a Hub repo (from the cache, or downloaded), or None when the repo has
+    no such file or it cannot be had (offline and not cached)."""
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError):
+        return None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
