@@ -49,7 +49,11 @@ class DecodeSettings:
     height: int | None = None  # None: the decoder's default
     width: int | None = None
     frames: int = 16  # video
-    fps: int = 8  # video: the frame rate written, and VideoCrafter2's fps condition
+    fps: int = 8  # video: the frame rate the MP4 is written at
+    # video: the frame rate VideoCrafter2's U-Net is conditioned on, a setting apart from
+    # the written rate (the official sampling runs the model at 28 and saves at 10); None:
+    # the decoder's own (`VideoDecoder.condition_fps`)
+    condition_fps: int | None = None
     seconds: float = 5.0  # audio
 
 
