@@ -60,6 +60,38 @@ def load(preset: str, device: torch.device, config: XVilaConfig | None = None) -
         torch.set_default_dtype(default)
 
 
+def photo(folder: Path) -> Path:
+    """A random 448x336 photo: the turn's one image."""
+    path = Path(folder) / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def sync_fn(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_turns(chat, image: Path, tokens: int, runs: int, device: torch.device) -> tuple[float, float]:
+    """Median time to first token and decode tokens/s of `runs` text turns with one image,
+    after one warm-up turn (which also compiles a compiled step)."""
+    sync = sync_fn(device)
+    rows = []
+    for run in range(runs + 1):
+        chat.reset()
+        t0 = time.perf_counter()
+        first = None
+        for ev in chat.send("Describe this photo.", media=[str(image)], output="text", temperature=0.7,
+                            max_new_tokens=tokens, seed=run):
+            if ev.kind == "text":
+                sync()
+                first = first or time.perf_counter()
+        sync()
+        end = time.perf_counter()
+        if run:
+            rows.append((first - t0, tokens / (end - first)))
+    return statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny-random")
@@ -76,25 +108,7 @@ def main() -> None:
     if args.static_cache or args.compile:
         chat.engine.warm_up()  # compiles and allocates the one cache every run reuses
     with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "photo.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(image)
-        rows = []
-        for run in range(args.runs + 1):  # the first run warms up (and compiles)
-            chat.reset()
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            t0 = time.perf_counter()
-            first = None
-            for ev in chat.send("Describe this photo.", media=[str(image)], output="text", temperature=0.7,
-                                max_new_tokens=args.tokens, seed=run):
-                if ev.kind == "text":
-                    sync()
-                    first = first or time.perf_counter()
-            sync()
-            end = time.perf_counter()
-            if run:
-                rows.append((first - t0, args.tokens / (end - first)))
-    ttft = statistics.median(r[0] for r in rows)
-    tps = statistics.median(r[1] for r in rows)
+        ttft, tps = time_turns(chat, photo(Path(tmp)), args.tokens, args.runs, device)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print("| preset | device | cache | compile | TTFT (s) | decode tok/s | peak GPU memory |")

@@ -87,14 +87,14 @@ def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size
     kwargs: dict = {"dtype": dtype}
     if not Path(source).exists():
         kwargs["revision"] = config.llm_revision
-    if config.load_in_4bit:
-        if device.type != "cuda":
-            raise WeightsUnavailableError(f"{config.name}: 4-bit loading needs a CUDA GPU (bitsandbytes)")
+    if config.load_in_4bit:  # bitsandbytes quantises on a CUDA GPU, and (slowly) on a CPU
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     if device.type == "cuda":  # straight onto the GPU, not through a CPU copy
         kwargs["device_map"] = {"": device.index or 0}
+    elif config.load_in_4bit:
+        kwargs["device_map"] = {"": "cpu"}
     try:
         llm, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as err:
