@@ -176,15 +176,14 @@ def _build_decoders(config: XVilaConfig, device: torch.device, decoder_device: t
     """One decoder per modality (random tiny parts where the config names none), each image
     and video decoder with a visual controller sized from its U-Net; loaded onto
     `decoder_device`, in the dtype they compute in on `device`."""
-    classes = DECODER_CLASSES
     decoders = {}
     for m, source in config.decoders.items():
         source = _resolve_part(source, folder)
         dtype = _torch_dtype(config, device)
         if source is None:
-            decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
+            decoder = DECODER_CLASSES[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
         else:
-            decoder = classes[m].from_pretrained(source, device=decoder_device, dtype=dtype)
+            decoder = DECODER_CLASSES[m].from_pretrained(source, device=decoder_device, dtype=dtype)
         if m in VISUAL:  # in the U-Net's dtype: its residuals are added to the U-Net's skips
             decoder.controller = VisualController.from_unet(decoder.unet, vision_dim).to(dtype=dtype)
         decoders[m] = decoder

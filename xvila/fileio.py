@@ -251,7 +251,7 @@ def offline_missing(layout: dict[str, Location]) -> dict[tuple[str, str | None],
     """With HF_HUB_OFFLINE set, {(repo, revision): [its parts]} of the Hub repos of `layout`
     missing from the local cache (empty online, or when everything is cached)."""
     wanted = {(w.source, f"{w.subfolder}/{w.config_name}" if w.subfolder else w.config_name, w.revision): name
-              for name, w in layout.items() if not w.is_local}
+              for name, w in layout.items() if not w.is_local and is_hub_id(w.source)}  # the loader names bad paths
     missing: dict[tuple[str, str | None], list[str]] = {}
     for repo, file, revision in missing_from_cache(list(wanted)):
         missing.setdefault((repo, revision), []).append(wanted[repo, file, revision])
