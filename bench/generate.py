@@ -1,7 +1,7 @@
 """Time to first token and decode speed of one chat turn (one image in, 128 tokens out).
 
     python bench/generate.py                         # tiny-random, on whatever device is present
-    python bench/generate.py --preset random-7b      # Vicuna-7B-sized LLM + ImageBind-huge, random weights (GPU)
+    python bench/generate.py --preset random-7b      # Vicuna-7B-sized LLM + ImageBind-huge, random weights, tiny decoders (GPU)
     python bench/generate.py --preset xvila-7b       # the real weights (needs the Hub or a warm cache)
     python bench/generate.py --static-cache --compile
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xvila.checkpoint import build_xvila  # noqa: E402
 from xvila.config import XVilaConfig  # noqa: E402
+from xvila.constants import MEDIA_MODALITIES  # noqa: E402
 from xvila.engine import Engine  # noqa: E402
 from xvila.model import XVila  # noqa: E402
 
@@ -33,13 +34,23 @@ VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
-def load(preset: str, device: torch.device) -> XVila:
-    if preset != "random-7b":
-        return XVila.from_pretrained(preset, device=device)
-    config = XVilaConfig.from_name("xvila-7b").replace(
+def random_7b_config() -> XVilaConfig:
+    """xvila-7b's sizes with random weights and no Hub id anywhere: a Vicuna-7B-sized LLM,
+    ImageBind-huge, and tiny random decoders (this bench generates text only; full-size
+    decoders would add their memory to the peak it reports, and real ones a download)."""
+    return XVilaConfig.from_name("xvila-7b").replace(
         name="random-7b", llm=None, llm_revision=None, llm_config=VICUNA_7B, imagebind=None,
+        decoders={m: None for m in MEDIA_MODALITIES},
     )
-    dtype = getattr(torch, config.dtype) if device.type == "cuda" else torch.float32
+
+
+def load(preset: str, device: torch.device, config: XVilaConfig | None = None) -> XVila:
+    """A preset by name; "random-7b" (or `config`, any config without Hub ids) built
+    straight on the device with random weights."""
+    if preset != "random-7b" and config is None:
+        return XVila.from_pretrained(preset, device=device)
+    config = config or random_7b_config()
+    dtype = config.torch_dtype(device)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -47,6 +58,38 @@ def load(preset: str, device: torch.device) -> XVila:
             return build_xvila(config, device)
     finally:
         torch.set_default_dtype(default)
+
+
+def photo(folder: Path) -> Path:
+    """A random 448x336 photo: the turn's one image."""
+    path = Path(folder) / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def sync_fn(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_turns(chat, image: Path, tokens: int, runs: int, device: torch.device) -> tuple[float, float]:
+    """Median time to first token and decode tokens/s of `runs` text turns with one image,
+    after one warm-up turn (which also compiles a compiled step)."""
+    sync = sync_fn(device)
+    rows = []
+    for run in range(runs + 1):
+        chat.reset()
+        t0 = time.perf_counter()
+        first = None
+        for ev in chat.send("Describe this photo.", media=[str(image)], output="text", temperature=0.7,
+                            max_new_tokens=tokens, seed=run):
+            if ev.kind == "text":
+                sync()
+                first = first or time.perf_counter()
+        sync()
+        end = time.perf_counter()
+        if run:
+            rows.append((first - t0, tokens / (end - first)))
+    return statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
 
 
 def main() -> None:
@@ -65,25 +108,7 @@ def main() -> None:
     if args.static_cache or args.compile:
         chat.engine.warm_up()  # compiles and allocates the one cache every run reuses
     with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "photo.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)).save(image)
-        rows = []
-        for run in range(args.runs + 1):  # the first run warms up (and compiles)
-            chat.reset()
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            t0 = time.perf_counter()
-            first = None
-            for ev in chat.send("Describe this photo.", media=[str(image)], output="text", temperature=0.7,
-                                max_new_tokens=args.tokens, seed=run):
-                if ev.kind == "text":
-                    sync()
-                    first = first or time.perf_counter()
-            sync()
-            end = time.perf_counter()
-            if run:
-                rows.append((first - t0, args.tokens / (end - first)))
-    ttft = statistics.median(r[0] for r in rows)
-    tps = statistics.median(r[1] for r in rows)
+        ttft, tps = time_turns(chat, photo(Path(tmp)), args.tokens, args.runs, device)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print("| preset | device | cache | compile | TTFT (s) | decode tok/s | peak GPU memory |")

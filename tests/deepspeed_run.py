@@ -3,10 +3,9 @@
 
     python tests/deepspeed_run.py CONFIG.yaml [--resume]
 
-DeepSpeed 0.19.8 refuses a 0-dim parameter (its start-up broadcast views every parameter
-as bytes). The model's only one is ImageBind's text-tower logit scale, a part X-VILA does
-not use (issue 11 takes the text tower out of the trained model); until then it is made
-1-dim here, before the model is built.
+Nothing is patched: the model holds no 0-dim parameter, which DeepSpeed 0.19.8 refuses
+(its start-up broadcast views every parameter as bytes); the only one ImageBind has, its
+text tower's logit scale, is not part of X-VILA's model (`xvila.model.IMAGEBIND_TOWERS`).
 """
 
 import os
@@ -21,22 +20,8 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"
 os.environ.setdefault("MASTER_PORT", "29541")
 torch.set_num_threads(1)
 
-import xvila.encoders.imagebind as imagebind  # noqa: E402
-
-_init = imagebind.LogitScale.__init__
-
-
-def _one_dim(self, *args, **kwargs):
-    _init(self, *args, **kwargs)
-    if isinstance(self.log_logit_scale, torch.nn.Parameter) and self.log_logit_scale.dim() == 0:
-        self.log_logit_scale = torch.nn.Parameter(self.log_logit_scale.data.reshape(1), requires_grad=False)
-
-
-imagebind.LogitScale.__init__ = _one_dim
-
-from train import phase1  # noqa: E402
-from train.loop import TrainConfig  # noqa: E402
+from train.loop import TrainConfig, train  # noqa: E402
 
 if __name__ == "__main__":
     cfg = TrainConfig(**yaml.safe_load(open(sys.argv[1])))
-    phase1.main(cfg, resume="--resume" in sys.argv)
+    train(cfg, resume="--resume" in sys.argv)

@@ -7,6 +7,7 @@ built on the meta device (no weights, no memory).
 
 from __future__ import annotations
 
+import json
 import math
 
 import av
@@ -114,9 +115,28 @@ def test_default_size_is_videocrafter2s_320x512():
 
 
 # ---------------------------------------------------------------------- the fps condition
-def test_fps_changes_videocrafter2_output_only(vc2, zeroscope):
-    assert not np.array_equal(frames_of(vc2, fast(fps=8)), frames_of(vc2, fast(fps=24)))
-    assert np.array_equal(frames_of(zeroscope, fast(fps=8)), frames_of(zeroscope, fast(fps=24)))
+def test_the_fps_condition_changes_videocrafter2_output_only(vc2, zeroscope):
+    assert not np.array_equal(frames_of(vc2, fast(condition_fps=8)), frames_of(vc2, fast(condition_fps=24)))
+    assert np.array_equal(frames_of(zeroscope, fast(condition_fps=8)), frames_of(zeroscope, fast(condition_fps=24)))
+
+
+def test_the_written_frame_rate_is_not_the_fps_condition(vc2, tmp_path):
+    """Issue 11, defect 4: VideoCrafter2 is sampled with fps 28 (the authors' script) and
+    written at another rate; the written rate never reaches the U-Net."""
+    assert DecodeSettings().condition_fps is None and vc2.condition_fps == 28 and DecodeSettings().fps == 8
+    e = torch.zeros(1, 77, 32)
+    assert vc2.unet_condition(e, DecodeSettings(fps=8))["fps"].tolist() == [28]
+    assert vc2.unet_condition(e, DecodeSettings(fps=8, condition_fps=24))["fps"].tolist() == [24]
+    assert np.array_equal(frames_of(vc2, fast(fps=8)), frames_of(vc2, fast(fps=24)))
+    path = generate(vc2, e_text(), tmp_path / "out.mp4", fast(fps=10))
+    assert probe_video(path).fps == pytest.approx(10)
+    # A saved decoder keeps its condition; one saved before the setting existed gets 28.
+    vc2.save_pretrained(tmp_path / "vc2")
+    meta = json.loads((tmp_path / "vc2" / "decoder.json").read_text())
+    assert meta["condition_fps"] == 28
+    meta["condition_fps"] = None
+    (tmp_path / "vc2" / "decoder.json").write_text(json.dumps(meta))
+    assert VideoDecoder.from_pretrained(tmp_path / "vc2").condition_fps == 28
 
 
 def test_fps_embedding_parameter_names(vc2, zeroscope):
@@ -127,9 +147,9 @@ def test_fps_embedding_parameter_names(vc2, zeroscope):
 
 def test_unet_condition_carries_fps(vc2, zeroscope):
     e = torch.zeros(2, 77, 32)
-    cond = vc2.unet_condition(e, DecodeSettings(fps=24))
+    cond = vc2.unet_condition(e, DecodeSettings(condition_fps=24))
     assert cond["encoder_hidden_states"] is e and cond["fps"].tolist() == [24, 24]
-    assert set(zeroscope.unet_condition(e, DecodeSettings(fps=24))) == {"encoder_hidden_states"}
+    assert set(zeroscope.unet_condition(e, DecodeSettings(condition_fps=24))) == {"encoder_hidden_states"}
 
 
 def test_fps_projection_is_videocrafters_timestep_embedding(vc2):

@@ -1,4 +1,4 @@
-"""Defects of the GPU path found by review, checked on the CPU (issue 11: 3, 5, 7, 8).
+"""Defects of the GPU path found by review, checked on the CPU (issue 11: 3, 5, 6, 7, 8, 9).
 
 3. Decoding reads the embedding and LM-head matrices as they are: peft's trainable-tokens
    layer is merged for the turn, not rebuilt per forward, and unmerged afterwards.
@@ -6,24 +6,33 @@
    a float16 controller without overflowing.
 7. One static KV cache for a chat's life: reset, never rebuilt, its buffers at the same
    addresses every turn (what CUDA graphs need), and no recompilation across turns.
+6. With `offload_decoders`, decoders load on the CPU and are never placed on the compute
+   device at load; the model holds no ImageBind text tower (so no 0-dim parameter either).
 8. The 4-bit preset computes in float16 on a GPU without bfloat16.
+9. ImageBind's config.json is read from a folder and from a Hub repo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub.errors
 import pytest
 import torch
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
 import xvila.engine as engine_module
+import xvila.errors
+import xvila.fileio
 from xvila import checkpoint
 from xvila.config import XVilaConfig
 from xvila.decoders.base import DecodeSettings, Decoder
 from xvila.decoders.controller import VisualController
-from xvila.encoders.imagebind import Trunk
+from xvila.encoders.imagebind import ImageBind, ImageBindConfig, Trunk
+from xvila.encoders.imagebind_weights import load_imagebind, save_imagebind
 from xvila.engine import Engine, Sampling
 from xvila.model import XVila
 
@@ -251,3 +260,109 @@ def test_the_4bit_preset_computes_in_float16_without_bfloat16(monkeypatch, major
         checkpoint._load_llm(config, "lmsys/vicuna-7b-v1.5", torch.device("cuda"), vocab_size=32000)
     assert captured["dtype"] == expected
     assert captured["quantization_config"].bnb_4bit_compute_dtype == expected
+
+
+# ------------------------------------------------------------------ 6: offloaded decoders, no text tower
+
+
+@pytest.fixture(scope="module")
+def decoder_folders(tmp_path_factory):
+    """Tiny decoders saved as folders, so that the build goes through their loaders."""
+    out = tmp_path_factory.mktemp("decoders")
+    for m, cls in checkpoint.DECODER_CLASSES.items():
+        cls.tiny_random(cond_dim=32).save_pretrained(out / m)
+    return {m: str(out / m) for m in checkpoint.DECODER_CLASSES}
+
+
+def decoder_placements(monkeypatch) -> list[str]:
+    """The device type of every `Decoder.to(device)` call from now on."""
+    seen = []
+    original = Decoder.to
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if device is not None:
+            seen.append(torch.device(device).type)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "to", to)
+    return seen
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_offloaded_decoders_load_on_the_cpu_and_never_visit_the_compute_device(decoder_folders, monkeypatch, offload):
+    placed = decoder_placements(monkeypatch)
+    config = XVilaConfig.from_name("tiny-random").replace(decoders=decoder_folders)
+    # "meta" stands for the GPU: a compute device that is not the CPU, and costs nothing.
+    model = checkpoint.build_xvila(config, device="meta", offload_decoders=offload)
+    assert model.device.type == "meta" and len(placed) == 3  # each decoder's loader placed it once
+    resident = {p.device.type for d in model.decoders.values() for p in d.parameters()}
+    if offload:
+        assert set(placed) == {"cpu"} and resident == {"cpu"}
+    else:  # the contrast: resident decoders do go to the compute device
+        assert set(placed) == {"meta"} and resident == {"meta"}
+
+
+def test_the_model_holds_no_imagebind_text_tower_and_no_0_dim_parameter(model, tmp_path):
+    assert set(model.imagebind.modality_trunks) == {"vision", "audio"}
+    assert [n for n, p in model.named_parameters() if p.dim() == 0] == []  # DeepSpeed 0.19.8 refuses those
+    # A checkpoint whose ImageBind folder still holds the text tower loads without it.
+    full = ImageBind(ImageBindConfig.from_name("tiny"))
+    save_imagebind(full, tmp_path / "ib")
+    towers = load_imagebind(tmp_path / "ib", modalities=("vision", "audio"))
+    assert set(towers.modality_trunks) == {"vision", "audio"}
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(towers({"vision": x})["vision"], full.eval()({"vision": x})["vision"], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ 9: ImageBind's config.json
+
+
+def tiny_imagebind_config() -> dict:
+    """The official constructor's kwargs at toy sizes, as nielsr/imagebind-huge lays them
+    out (PyTorchModelHubMixin's config.json: the kwargs, extra modalities' sizes included)."""
+    return {"out_embed_dim": 16, "vision_embed_dim": 32, "vision_num_blocks": 2, "vision_num_heads": 2,
+            "audio_embed_dim": 24, "audio_num_blocks": 2, "audio_num_heads": 2, "text_embed_dim": 16,
+            "text_num_blocks": 2, "text_num_heads": 2, "depth_embed_dim": 8, "depth_num_blocks": 1}
+
+
+def write_imagebind_repo(folder: Path) -> ImageBindConfig:
+    """model.safetensors of a tiny ImageBind and its config.json (kwargs only, no modalities)."""
+    config = ImageBindConfig.from_dict(tiny_imagebind_config())
+    save_imagebind(ImageBind(config), folder)
+    (folder / "config.json").write_text(json.dumps(tiny_imagebind_config()))
+    return config
+
+
+def test_imagebind_config_json_is_read_from_a_folder(tmp_path):
+    config = write_imagebind_repo(tmp_path / "ib")
+    loaded = load_imagebind(tmp_path / "ib")
+    assert loaded.config == config and loaded.config.audio_embed_dim == 24  # not huge's 768, not tiny's 32
+
+
+def test_imagebind_config_json_is_read_from_a_hub_repo(tmp_path, monkeypatch):
+    """A fake Hub: each file asked for is copied into a snapshot folder, as
+    `hf_hub_download` does, so config.json is there only if the loader asks for it."""
+    remote, snapshot = tmp_path / "remote", tmp_path / "snapshot"
+    config = write_imagebind_repo(remote)
+    snapshot.mkdir()
+    asked = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if not (remote / filename).is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} is not in {repo_id}")
+        (snapshot / filename).write_bytes((remote / filename).read_bytes())
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(xvila.fileio, "hf_hub_download", hf_hub_download)
+    loaded = load_imagebind("someone/imagebind-tiny")
+    assert ("someone/imagebind-tiny", "config.json") in asked and loaded.config == config
+    # As the assembler loads it: the same config, the chat's towers only.
+    towers = load_imagebind("someone/imagebind-tiny", modalities=("vision", "audio"))
+    assert towers.config.vision_embed_dim == 32 and set(towers.modality_trunks) == {"vision", "audio"}
+    # A repo without config.json (Meta's .pth mirrored) still loads, as ImageBind-huge's sizes.
+    (remote / "config.json").unlink()
+    (snapshot / "config.json").unlink()
+    with pytest.raises(xvila.errors.WeightsUnavailableError, match="do not match"):
+        load_imagebind("someone/imagebind-tiny")  # huge's sizes against tiny weights: strict load refuses

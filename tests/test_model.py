@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -26,6 +27,7 @@ import xvila.fileio
 from xvila.checkpoint import build_xvila
 from xvila.config import XVilaConfig
 from xvila.conversation import IGNORE_INDEX, Turn, render, tokenize
+from xvila.decoders.video import ZEROSCOPE_REVISION
 from xvila.errors import ConfigError, WeightsUnavailableError
 from xvila.model import XVila
 
@@ -448,10 +450,18 @@ def test_xvila_7b_offline_with_empty_cache_names_the_missing_repos(tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
+    start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as err:
         XVila.from_pretrained("xvila-7b")
+    assert time.perf_counter() - start < 5  # before anything loads
     message = str(err.value)
-    assert "lmsys/vicuna-7b-v1.5" in message and "nielsr/imagebind-huge" in message
+    # Every repo, each with the command that fetches it (pinned revisions included).
+    for command in ("hf download lmsys/vicuna-7b-v1.5 --revision refs/pr/3", "hf download nielsr/imagebind-huge",
+                    "hf download stable-diffusion-v1-5/stable-diffusion-v1-5", "hf download adamdad/videocrafterv2_diffusers",
+                    f"hf download cerspense/zeroscope_v2_576w --revision {ZEROSCOPE_REVISION}",
+                    "hf download cvssp/audioldm-s-full-v2"):
+        assert f"`{command}`" in message, (command, message)
+    assert message.count("hf download") == 6 and "\n" not in message  # one line: the demo prints it as it is
     assert calls == []
 
     # The check really reads that cache: with ImageBind's weights there, only Vicuna is named.

@@ -396,15 +396,25 @@ def media_features(model, batch: dict, highway: bool = False) -> dict[str, dict]
 
 
 @torch.no_grad()
-def text_targets(model, batch: dict) -> dict[str, torch.Tensor]:
-    """E_text targets [runs, L, C] per modality: cached, or from the decoders' text encoders."""
+def text_targets(model, batch: dict, decoders=None) -> dict[str, torch.Tensor]:
+    """E_text targets [runs, L, C] per modality on the model's device: cached, or from the
+    text encoders of `decoders` (default: the model's own)."""
+    decoders = model.decoders if decoders is None else decoders
     out = {}
     for m, t in batch.get("targets", {}).items():
         if not isinstance(t, torch.Tensor):
-            with model.decoder_ready(m) as decoder:
-                t = decoder.encode_text(list(t))
+            t = decoders[m].encode_text(list(t))  # wherever that text encoder is
         out[m] = t.to(model.device)
     return out
+
+
+def with_text_targets(model, batch: dict, decoders) -> dict:
+    """The batch with every E_text target computed (by `decoders`' text encoders where the
+    text cache gave none): what the training loop hands the objective when the decoders are
+    kept out of it (phases 1-3a)."""
+    if not batch.get("targets"):
+        return batch
+    return {**batch, "targets": text_targets(model, batch, decoders)}
 
 
 def lm_and_align_loss(model, batch: dict) -> dict[str, torch.Tensor]:

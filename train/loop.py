@@ -186,8 +186,11 @@ def accumulation(global_batch: int, micro_batch: int, processes: int) -> int:
 
 
 # ------------------------------------------------------------------------------ model
-def load_init(cfg: TrainConfig, device):
-    """The model this phase starts from: a preset name or a folder written by a phase."""
+def load_init(cfg: TrainConfig, device, decoders_on_device: bool = True):
+    """The model this phase starts from: a preset name or a folder written by a phase.
+    Without `decoders_on_device` (phases 1-3a, which run no U-Net or VAE) the decoders load
+    on the CPU and stay there; only their text encoders come to `device`, and only when no
+    text cache provides the E_text targets."""
     folder = None
     if cfg.init in PRESETS:
         config = XVilaConfig.from_name(cfg.init)
@@ -200,7 +203,12 @@ def load_init(cfg: TrainConfig, device):
         config = XVilaConfig.from_json(folder / "config.json")
     if cfg.load_in_4bit is not None and cfg.load_in_4bit != config.load_in_4bit:
         config = config.replace(load_in_4bit=cfg.load_in_4bit, dtype="bfloat16" if cfg.load_in_4bit else config.dtype)
-    return build_xvila(config, device=device, folder=folder, seed=cfg.seed, allow_outside_paths=cfg.allow_outside_paths)
+    model = build_xvila(config, device=device, folder=folder, seed=cfg.seed, offload_decoders=not decoders_on_device,
+                        allow_outside_paths=cfg.allow_outside_paths)
+    if not decoders_on_device and not cfg.text_cache:
+        for decoder in model.decoders.values():
+            decoder.text_encoder.to(device)
+    return model
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -654,8 +662,9 @@ class Run:
         self.objective, self.optimizer, self.scheduler = objective, optimizer, scheduler
 
     # ------------------------------------------------------------------ the end
-    def finish(self, stopped: bool, record: dict | None = None) -> dict:
-        """The summary line; at the last step, the final model folder (and a push to the Hub)."""
+    def finish(self, stopped: bool, record: dict | None = None, decoders: nn.ModuleDict | None = None) -> dict:
+        """The summary line; at the last step, the final model folder (and a push to the Hub),
+        with `decoders` put back into the model if the loop kept them apart."""
         acc, cfg = self.accelerator, self.cfg
         if self._bar is not None:
             self._bar.close()
@@ -666,6 +675,8 @@ class Run:
         final = None
         if not stopped and acc.is_main_process:
             model = acc.unwrap_model(self.objective).model
+            if decoders is not None:
+                model.decoders = decoders
             record = {"phase": cfg.phase, "init": cfg.init, "steps_done": self.progress.step,
                       "hyperparameters": {k: getattr(cfg, k) for k in export.HYPERPARAMETERS},
                       "samples": self.progress.samples, "skipped": dict(totals), **(record or {})}
@@ -715,12 +726,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     with Run(cfg, resume) as run:
         acc = run.accelerator
         # ---------------------------------------------------------------- model
-        model = load_init(cfg, run.device)
+        model = load_init(cfg, run.device, decoders_on_device=phase.uses_decoders)
         counts = model.set_trainable(phase.key, verbose=acc.is_main_process)
         train_in_float32(model)
         phase.modes(model)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model, phase.key)
+        # Phases 1-3a run no U-Net or VAE: their decoders leave the module the accelerator
+        # prepares (it would move them to the GPU, DeepSpeed would cast them, DDP refuses a
+        # module on two devices), give the E_text targets from outside it, and rejoin the
+        # model for the final folder (its controllers are part of it).
+        decoders = model.decoders
+        if not phase.uses_decoders:
+            model.decoders = nn.ModuleDict()
 
         # ---------------------------------------------------------------- data
         batches.check_kind(cfg.manifests, phase.kinds, phase.key)
@@ -742,7 +760,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         stopped = False
         for step in range(start.step, cfg.steps):
             for _ in range(run.accum):
-                batch = run.next_batch(loader)
+                batch = batches.with_text_targets(model, run.next_batch(loader), decoders)
                 with acc.accumulate(objective):
                     losses = objective(batch)
                     run.check_finite(losses, step, batch)
@@ -757,4 +775,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
         # ---------------------------------------------------------------- the end
         record = {"phase": phase.key, "trains": counts, "data": data.manifest_counts(), **phase.record(cfg)}
-        return run.finish(stopped, record=record)
+        return run.finish(stopped, record=record, decoders=decoders)

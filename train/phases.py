@@ -67,6 +67,10 @@ class Phase:
     data: Callable = lambda cfg: {}  # extra `Batches` options
     about: str = ""  # what `data:` prints after its counts
     record: Callable = lambda cfg: {}  # extra fields of the run's summary
+    # Whether its loss runs the decoders' U-Nets/VAEs (3b). The others only need E_text
+    # targets, from the text cache or the decoders' text encoders: their decoders stay on
+    # the CPU, outside the module the accelerator prepares (`train.loop.train`).
+    uses_decoders: bool = False
 
     @property
     def command(self) -> str:
@@ -90,6 +94,6 @@ PHASES = {p.key: p for p in (
           data=lambda cfg: dict(visual=True, targets=cfg.condition == "caption", video_frames=cfg.video_frames,
                                 keep=batches.has_visual_target),
           about=" (conversations with a visual input and a visual output)",
-          record=lambda cfg: {"condition": cfg.condition}),
+          record=lambda cfg: {"condition": cfg.condition}, uses_decoders=True),
 )}
 COMMANDS = {p.command: p for p in PHASES.values()}

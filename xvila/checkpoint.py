@@ -9,6 +9,7 @@ import (a documented hook).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,12 +27,14 @@ from xvila.decoders.controller import VisualController
 from xvila.decoders.image import ImageDecoder
 from xvila.decoders.video import VideoDecoder
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
-from xvila.encoders.imagebind_weights import load_imagebind, save_imagebind
+from xvila.encoders.imagebind_weights import IMAGEBIND_FILES, load_imagebind, save_imagebind
 from xvila.errors import ConfigError, WeightsUnavailableError
-from xvila.fileio import (default_device, is_hub_id, load_strict, missing_from_cache, read_state_dict, write_json,
-                          write_safetensors)
+from xvila.fileio import (
+    Location, default_device, is_hub_id, load_strict, missing_repos_message, offline_missing,
+    read_state_dict, write_json, write_safetensors,
+)
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
-from xvila.model import XVila
+from xvila.model import IMAGEBIND_TOWERS, XVila
 
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
@@ -48,28 +51,35 @@ def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
     return config.torch_dtype(device)
 
 
-def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str, str | None]]:
-    """(repo, a file that must be there, revision) of every base part named by Hub id
-    (parts stored in the checkpoint folder, or given as local paths, are not)."""
-    parts = []
+DECODER_CLASSES = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
+
+
+def _part_locations(config: XVilaConfig, folder: Path | None) -> dict[str, Location]:
+    """{"what/part": where} of every base part `build_xvila` will load: the LLM and its
+    tokenizer, ImageBind, and each decoder's parts (a local folder, e.g. one stored in the
+    checkpoint, is a Location too; the offline check skips those)."""
+    where: dict[str, Location] = {}
     llm, imagebind = _resolve_part(config.llm, folder), _resolve_part(config.imagebind, folder)
-    if llm and not Path(llm).exists():
-        parts += [(llm, "config.json", config.llm_revision), (llm, "tokenizer_config.json", config.llm_revision)]
-    if imagebind and not Path(imagebind).exists():
-        parts.append((imagebind, "model.safetensors", None))
-    return parts
+    if llm and not Path(llm).is_file():
+        where["LLM/weights"] = Location(llm, None, config.llm_revision, "config.json")
+        where["LLM/tokenizer"] = Location(llm, None, config.llm_revision, "tokenizer_config.json")
+    if imagebind and not Path(imagebind).is_file():  # a file: Meta's imagebind_huge.pth
+        where["ImageBind/weights"] = Location(imagebind, None, None, IMAGEBIND_FILES[0])
+    for m, source in config.decoders.items():
+        source = _resolve_part(source, folder)
+        if source is not None:
+            where.update({f"{m} decoder/{name}": w for name, w in DECODER_CLASSES[m].locations(source).items()})
+    return where
 
 
 def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
-    """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
-    instead of failing on the first after minutes of loading."""
-    missing = [f"{repo} ({name})" for repo, name, _ in missing_from_cache(_hub_parts(config, folder))]
-    if missing:
-        raise WeightsUnavailableError(
-            f"{config.name}: HF_HUB_OFFLINE is set and these repos are not in the local Hub cache: "
-            f"{', '.join(missing)}. Download them once with network (`hf download REPO`), "
-            "or start from the offline preset `tiny-random`."
-        )
+    """With HF_HUB_OFFLINE set, name every base repo missing from the local cache, with the
+    command that downloads it, before anything loads (not the first after minutes of loading)."""
+    missing = offline_missing(_part_locations(config, folder))
+    if missing:  # one entry per repo, labelled by what it is for ("video decoder", "LLM")
+        labels = {key: list(dict.fromkeys(part.split("/")[0] for part in parts)) for key, parts in missing.items()}
+        raise WeightsUnavailableError(f"{config.name}: {missing_repos_message(labels)} Or start from the offline "
+                                      "preset `tiny-random`.")
 
 
 def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size: int):
@@ -77,14 +87,14 @@ def _load_llm(config: XVilaConfig, source: str, device: torch.device, vocab_size
     kwargs: dict = {"dtype": dtype}
     if not Path(source).exists():
         kwargs["revision"] = config.llm_revision
-    if config.load_in_4bit:
-        if device.type != "cuda":
-            raise WeightsUnavailableError(f"{config.name}: 4-bit loading needs a CUDA GPU (bitsandbytes)")
+    if config.load_in_4bit:  # bitsandbytes quantises on a CUDA GPU, and (slowly) on a CPU
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     if device.type == "cuda":  # straight onto the GPU, not through a CPU copy
         kwargs["device_map"] = {"": device.index or 0}
+    elif config.load_in_4bit:
+        kwargs["device_map"] = {"": "cpu"}
     try:
         llm, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as err:
@@ -159,10 +169,10 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
         torch.manual_seed(seed)
         ib_source = _resolve_part(config.imagebind, folder)
         if ib_source is None:
-            imagebind = ImageBind(_imagebind_config(config.imagebind_config))
+            imagebind = ImageBind(dataclasses.replace(_imagebind_config(config.imagebind_config), modalities=IMAGEBIND_TOWERS))
             imagebind.eval().requires_grad_(False)
         else:
-            imagebind = load_imagebind(ib_source)
+            imagebind = load_imagebind(ib_source, modalities=IMAGEBIND_TOWERS)
         llm_source = _resolve_part(config.llm, folder)
         if folder is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -177,7 +187,10 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
         else:
             llm = wrap_lora(llm, config, new_ids)
         model = XVila(config, imagebind, llm, tokenizer)
-        model.decoders = nn.ModuleDict(_build_decoders(config, device, folder, imagebind.config.vision_embed_dim, seed))
+        # Offloaded decoders load on the CPU and stay there until a request needs one.
+        decoder_device = torch.device("cpu") if offload_decoders else device
+        model.decoders = nn.ModuleDict(_build_decoders(config, device, decoder_device, folder,
+                                                       imagebind.config.vision_embed_dim, seed))
     model.offload_decoders = offload_decoders
     if folder is not None:
         parts = read_state_dict(folder / XVILA_WEIGHTS)
@@ -187,7 +200,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     model.imagebind.to(device=device, dtype=_torch_dtype(config, device))
     model.p_in.to(device)
     model.p_out.to(device)
-    model.decoders.to("cpu" if offload_decoders else device)
+    model.decoders.to(decoder_device)
     return model.eval()
 
 
@@ -206,18 +219,19 @@ def _xvila_parts(model) -> nn.ModuleDict:
     return nn.ModuleDict({"p_in": model.p_in, "p_out": model.p_out, "controllers": nn.ModuleDict(controllers)})
 
 
-def _build_decoders(config: XVilaConfig, device: torch.device, folder: Path | None, vision_dim: int, seed: int) -> dict:
+def _build_decoders(config: XVilaConfig, device: torch.device, decoder_device: torch.device, folder: Path | None,
+                    vision_dim: int, seed: int) -> dict:
     """One decoder per modality (random tiny parts where the config names none), each image
-    and video decoder with a visual controller sized from its U-Net."""
-    classes = {IMAGE: ImageDecoder, VIDEO: VideoDecoder, AUDIO: AudioDecoder}
+    and video decoder with a visual controller sized from its U-Net; loaded onto
+    `decoder_device`, in the dtype they compute in on `device`."""
     decoders = {}
     for m, source in config.decoders.items():
         source = _resolve_part(source, folder)
         dtype = _torch_dtype(config, device)
         if source is None:
-            decoder = classes[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
+            decoder = DECODER_CLASSES[m].tiny_random(seed=seed, cond_dim=config.cond_shapes[m][-1]).to(dtype=dtype)
         else:
-            decoder = classes[m].from_pretrained(source, device=device, dtype=dtype)
+            decoder = DECODER_CLASSES[m].from_pretrained(source, device=decoder_device, dtype=dtype)
         if m in VISUAL:  # in the U-Net's dtype: its residuals are added to the U-Net's skips
             decoder.controller = VisualController.from_unet(decoder.unet, vision_dim).to(dtype=dtype)
         decoders[m] = decoder

@@ -101,6 +101,15 @@ def resolve_file(source: str | os.PathLike, filenames: tuple[str, ...], what: st
                                   f"({'; '.join(errors)}). {hint}.")
 
 
+def optional_hub_file(repo_id: str, filename: str) -> Path | None:
+    """`filename` of a Hub repo (from the cache, or downloaded), or None when the repo has
+    no such file or it cannot be had (offline and not cached)."""
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError):
+        return None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -233,16 +242,33 @@ def _check_loading_info(part: nn.Module, info: dict, what: str, unexpected: bool
 
 def _check_offline(layout: dict[str, Location], what: str) -> None:
     """With HF_HUB_OFFLINE set, name every Hub repo of `layout` missing from the local cache."""
-    wanted = {(w.source, f"{w.subfolder}/{w.config_name}" if w.subfolder else w.config_name, w.revision): name
-              for name, w in layout.items() if not w.is_local}
-    missing: dict[str, list[str]] = {}
-    for repo, file, revision in missing_from_cache(list(wanted)):
-        missing.setdefault(repo + (f"@{revision}" if revision else ""), []).append(wanted[repo, file, revision])
+    missing = offline_missing(layout)
     if missing:
-        repos = "; ".join(f"{repo} ({', '.join(parts)})" for repo, parts in missing.items())
-        raise WeightsUnavailableError(
-            f"{what}: HF_HUB_OFFLINE is set and these Hub repos are not in the local cache: {repos}. Download them "
-            "once with network (`hf download REPO [--revision REV]`), or pass a local folder.")
+        raise WeightsUnavailableError(f"{what}: {missing_repos_message(missing)}")
+
+
+def offline_missing(layout: dict[str, Location]) -> dict[tuple[str, str | None], list[str]]:
+    """With HF_HUB_OFFLINE set, {(repo, revision): [its parts]} of the Hub repos of `layout`
+    missing from the local cache (empty online, or when everything is cached)."""
+    wanted = {(w.source, f"{w.subfolder}/{w.config_name}" if w.subfolder else w.config_name, w.revision): name
+              for name, w in layout.items() if not w.is_local and is_hub_id(w.source)}  # the loader names bad paths
+    missing: dict[tuple[str, str | None], list[str]] = {}
+    for repo, file, revision in missing_from_cache(list(wanted)):
+        missing.setdefault((repo, revision), []).append(wanted[repo, file, revision])
+    return missing
+
+
+def download_command(repo: str, revision: str | None = None) -> str:
+    """The command that puts `repo` (at `revision`) into the local Hub cache."""
+    return f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+
+
+def missing_repos_message(missing: dict[tuple[str, str | None], list[str]]) -> str:
+    """Each missing repo, what it is for, and the exact command that fetches it; one line
+    (the demo prints it as its one line of explanation)."""
+    commands = "; ".join(f"`{download_command(repo, rev)}` ({', '.join(parts)})" for (repo, rev), parts in missing.items())
+    return (f"HF_HUB_OFFLINE is set and {len(missing)} Hub repo(s) are not in the local cache. Download them once "
+            f"with network: {commands}; or pass local folders.")
 
 
 def _hint(source: str) -> str:

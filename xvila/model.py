@@ -32,6 +32,10 @@ from xvila.media_worker import preprocess
 from xvila.projections import InputProjection, OutputProjection
 
 IB_KEY = {IMAGE: IB_VISION, VIDEO: IB_VISION, AUDIO: IB_AUDIO}
+# The ImageBind towers the model holds: the chat's text goes to the LLM, never through
+# ImageBind, so its text tower (354 M parameters in ImageBind-huge) is neither loaded nor
+# placed on the GPU (nor handed to DeepSpeed, which refuses its 0-dim logit scale).
+IMAGEBIND_TOWERS = tuple(dict.fromkeys(IB_KEY.values()))
 
 # Parameter groups by name; `set_trainable` turns whole groups on.
 GROUPS = {

@@ -50,6 +50,7 @@ AUDIOLDM_REPO = "cvssp/audioldm-s-full-v2"
 class AudioDecoder(Decoder):
     modality = "audio"
     file_suffix = ".wav"
+    part_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "vocoder")
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler,
                  text_encoder: ClapTextModelWithProjection, tokenizer: RobertaTokenizer, vocoder: SpeechT5HifiGan):

@@ -29,7 +29,7 @@ from torch import nn
 
 from xvila.decoders.controller import prepare_e_vis
 from xvila.errors import XVilaError
-from xvila.fileio import default_device, default_dtype, load_parts, own_memory, save_parts
+from xvila.fileio import Location, default_device, default_dtype, load_parts, own_memory, save_parts
 
 
 class Cancelled(XVilaError):
@@ -49,7 +49,11 @@ class DecodeSettings:
     height: int | None = None  # None: the decoder's default
     width: int | None = None
     frames: int = 16  # video
-    fps: int = 8  # video: the frame rate written, and VideoCrafter2's fps condition
+    fps: int = 8  # video: the frame rate the MP4 is written at
+    # video: the frame rate VideoCrafter2's U-Net is conditioned on, a setting apart from
+    # the written rate (the official sampling runs the model at 28 and saves at 10); None:
+    # the decoder's own (`VideoDecoder.condition_fps`)
+    condition_fps: int | None = None
     seconds: float = 5.0  # audio
 
 
@@ -76,6 +80,7 @@ class Decoder(nn.Module):
     unet: nn.Module
     scheduler: object  # a diffusers scheduler
     controller: nn.Module | None  # the visual controller (image and video only)
+    part_names: tuple[str, ...] = ()  # the subfolders of its diffusers layout
 
     def __init__(self):
         super().__init__()
@@ -125,6 +130,13 @@ class Decoder(nn.Module):
         dtype = dtype or default_dtype(device)
         parts = load_parts(source, loaders(dtype), what, layout, unexpected)
         return own_memory(cls(**parts, **init).to(device=device, dtype=dtype))
+
+    @classmethod
+    def locations(cls, source) -> dict[str, Location]:
+        """Where `from_pretrained(source)` reads each part: a subfolder of a diffusers-layout
+        repo or folder (the assembler's offline check looks them up before anything loads)."""
+        source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+        return {name: Location.part(source, name) for name in cls.part_names}
 
     def save_pretrained(self, folder) -> Path:
         """Each part with its library's `save_pretrained`, in the layout `from_pretrained` reads."""

@@ -40,6 +40,7 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class ImageDecoder(Decoder):
     modality = "image"
     file_suffix = ".png"
+    part_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer):

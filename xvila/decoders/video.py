@@ -61,6 +61,14 @@ ZEROSCOPE_REVISION = "1f35e3dc3350d649f342bb7618fe34ac8fae5c9e"
 VARIANTS = ("videocrafter2", "zeroscope")
 # (height, width) each U-Net was trained at: VideoCrafter2 320x512, zeroscope_v2_576w 320x576.
 DEFAULT_SIZE = {"videocrafter2": (320, 512), "zeroscope": (320, 576)}
+# The fps VideoCrafter2's U-Net is conditioned on when sampling, apart from the rate the
+# video is written at. The authors sample VideoCrafter2 (base_512_v2) at fps 28
+# (github.com/AILab-CVC/VideoCrafter, commit 11bcd76: scripts/run_text2video.sh line 21,
+# `--fps 28`, passed as the `fps` condition by scripts/evaluation/inference.py lines 34 and
+# 101-110) and write the file at `--savefps` (inference.py line 26, default 10). The script's
+# own default (line 34) and the diffusers conversion's pipeline (`VideoCrafterPipeline.__call__`,
+# `kwargs.pop("fps", 24)`) use 24, VideoCrafter1's setting; we follow the authors' v2 script.
+VIDEOCRAFTER2_CONDITION_FPS = 28
 DECODER_CONFIG = "decoder.json"  # written last by save_pretrained: marks the folder complete
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -201,6 +209,24 @@ def load_unet(where: Location | str, variant: str, dtype: torch.dtype | None = N
     return unet
 
 
+def _resolve(source, variant: str | None, base: str) -> tuple[str, str, dict]:
+    """(source, variant, decoder.json) as `from_pretrained` reads them: a folder written by
+    `save_pretrained` names its variant; otherwise the variant's default repo."""
+    meta = {}
+    if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
+        source = str(Path(source).expanduser())
+        meta = json.loads((Path(source) / DECODER_CONFIG).read_text())
+        if variant is not None and variant != meta["variant"]:
+            raise ConfigError(f"{source} holds a {meta['variant']} video decoder, not {variant}")
+    variant = meta.get("variant") or variant or "videocrafter2"
+    if variant not in VARIANTS:
+        raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
+    if source is None:
+        source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
+    source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+    return source, variant, meta
+
+
 def _check_fps(unet, variant: str, what: str) -> None:
     if variant == "videocrafter2" and unet.fps_embedding is None:
         raise WeightsUnavailableError(f"{what} has fps_cond=false; VideoCrafter2's takes fps")
@@ -209,9 +235,9 @@ def _check_fps(unet, variant: str, what: str) -> None:
 # ------------------------------------------------------------------------------- decoder
 class VideoDecoder(Decoder):
     """Text (E_text [77, 1024]) to a 16-frame video. `variant` "videocrafter2" conditions
-    the U-Net on the frame rate too (`condition_fps`, or `DecodeSettings.fps` when None);
-    "zeroscope" has no fps input. `DecodeSettings.fps` is always the rate the MP4 is
-    written at."""
+    the U-Net on a frame rate too: `DecodeSettings.condition_fps`, else the decoder's
+    `condition_fps` (default 28, as VideoCrafter2 is sampled); "zeroscope" has no fps input.
+    `DecodeSettings.fps` is only ever the rate the MP4 is written at."""
 
     modality = VIDEO
     file_suffix = ".mp4"
@@ -232,7 +258,7 @@ class VideoDecoder(Decoder):
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.variant = variant
         self.size = tuple(size) if size is not None else DEFAULT_SIZE[variant]
-        self.condition_fps = condition_fps
+        self.condition_fps = VIDEOCRAFTER2_CONDITION_FPS if condition_fps is None else condition_fps
         # Frozen and in eval mode: inference only; phase 3b unfreezes the U-Net itself.
         self.eval().requires_grad_(False)
 
@@ -250,7 +276,7 @@ class VideoDecoder(Decoder):
     def unet_condition(self, e_text: torch.Tensor, s: DecodeSettings) -> dict:
         cond = {"encoder_hidden_states": e_text}
         if self.fps_conditioned:
-            fps = self.condition_fps if self.condition_fps is not None else s.fps
+            fps = s.condition_fps if s.condition_fps is not None else self.condition_fps
             cond["fps"] = torch.full((e_text.shape[0],), int(round(fps)), dtype=torch.long, device=e_text.device)
         return cond
 
@@ -315,24 +341,21 @@ class VideoDecoder(Decoder):
         `device` defaults to CUDA when there is one; `dtype` to float16 there, float32 on a CPU."""
         device = default_device(device)
         dtype = dtype or default_dtype(device)
-        meta = {}
-        if source is not None and (Path(source).expanduser() / DECODER_CONFIG).is_file():
-            source = str(Path(source).expanduser())
-            meta = json.loads((Path(source) / DECODER_CONFIG).read_text())
-            if variant is not None and variant != meta["variant"]:
-                raise ConfigError(f"{source} holds a {meta['variant']} video decoder, not {variant}")
-        variant = meta.get("variant") or variant or "videocrafter2"
-        if variant not in VARIANTS:
-            raise ConfigError(f"video decoder variant must be one of {VARIANTS}, not {variant!r}")
-        if source is None:
-            source = VIDEOCRAFTER2_REPO if variant == "videocrafter2" else base
-        source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else str(source)
+        source, variant, meta = _resolve(source, variant, base)
         what = f"video decoder ({variant}, {source})"
         layout = _layout(source, variant, base, base_revision)
         parts = load_parts(source, _loaders(variant, dtype), what, layout, unexpected=True)
         _check_fps(parts["unet"], variant, f"{what}: the U-Net in {layout['unet']}")
         decoder = cls(**parts, variant=variant, size=meta.get("size"), condition_fps=meta.get("condition_fps"))
         return own_memory(decoder.to(device=device, dtype=dtype))
+
+    @classmethod
+    def locations(cls, source: str | os.PathLike | None = None, variant: str | None = None, base: str = ZEROSCOPE_REPO,
+                  base_revision: str | None = ZEROSCOPE_REVISION) -> dict[str, Location]:
+        """Where `from_pretrained` with the same arguments reads each part (the assembler's
+        offline check looks them up before anything loads)."""
+        source, variant, _ = _resolve(source, variant, base)
+        return _layout(source, variant, base, base_revision)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Each part with its library's `save_pretrained` (safetensors) in its subfolder, then

@@ -9,6 +9,7 @@ Uses only `xvila.fileio` for files and the Hub; the model itself does no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,9 @@ from transformers import CLIPTokenizer
 from xvila.encoders.clip_tokenizer import CLIP_TOKENIZER_REPO, ImageBindTokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
 from xvila.errors import WeightsUnavailableError
-from xvila.fileio import load_strict, read_state_dict, resolve_file, write_json, write_safetensors
+from xvila.fileio import (
+    is_hub_id, load_strict, optional_hub_file, read_state_dict, resolve_file, write_json, write_safetensors,
+)
 
 IMAGEBIND_REPO = "nielsr/imagebind-huge"
 # nielsr/imagebind-huge ships safetensors; the official release is a .pth that users may
@@ -47,23 +50,37 @@ def load_imagebind(
     config: ImageBindConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    modalities: tuple[str, ...] | None = None,
 ) -> ImageBind:
     """ImageBind in eval mode with frozen weights from an official-format checkpoint.
 
-    `config` defaults to the `config.json` beside the weights (our own, or the official
-    constructor's kwargs as in `nielsr/imagebind-huge`), else ImageBind-huge.
+    `config` defaults to the `config.json` of the folder or Hub repo (our own, or the
+    official constructor's kwargs, as `nielsr/imagebind-huge` ships them), else
+    ImageBind-huge. `modalities` builds only those towers (the others' weights are dropped):
+    X-VILA's chat reads images, video and audio, never text through ImageBind.
     """
     what = f"ImageBind ({source})"
     weights = resolve_file(source, IMAGEBIND_FILES, what)
     if config is None:
-        config_file = weights.with_name("config.json")
-        config = ImageBindConfig.from_dict(json.loads(config_file.read_text())) if config_file.is_file() else ImageBindConfig()
+        config_file = _config_file(source, weights)
+        config = ImageBindConfig.from_dict(json.loads(config_file.read_text())) if config_file else ImageBindConfig()
+    if modalities is not None:
+        config = dataclasses.replace(config, modalities=tuple(modalities))
     state = filter_imagebind_state(read_state_dict(weights), config.modalities)
     with torch.device("meta"):  # no time or memory spent on a random init we overwrite
         model = ImageBind(config)
     load_strict(model, state, what, assign=True)
     model.to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def _config_file(source, weights: Path) -> Path | None:
+    """The config.json beside the weights; from a Hub repo it is fetched as well (it is
+    optional there: Meta's .pth comes without one)."""
+    beside = weights.with_name("config.json")
+    if beside.is_file() or not is_hub_id(source) or Path(source).expanduser().exists():
+        return beside if beside.is_file() else None
+    return optional_hub_file(str(source), "config.json")
 
 
 def save_imagebind(model: ImageBind, folder: str | os.PathLike) -> Path:
