@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from xvila.config import PRESETS, XVilaConfig
+from xvila.config import PRESETS, SHIPPED, SMOLLM2_PACKAGE, XVilaConfig
 from xvila.constants import AUDIO, IMAGE, VIDEO, VISUAL
 from xvila.decoders.audio import AudioDecoder
 from xvila.decoders.controller import VisualController
@@ -31,6 +31,7 @@ from xvila.errors import WeightsUnavailableError
 from xvila.fileio import default_device, load_strict, missing_from_cache, read_state_dict, write_json, write_safetensors
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
 from xvila.model import XVila
+from xvila.smollm import smollm2_folder
 
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
@@ -41,6 +42,9 @@ from xvila.model import XVila
 #   llm/, imagebind/     only for base parts that have no Hub id (random, e.g. tiny-random)
 
 XVILA_WEIGHTS = "xvila.safetensors"
+# Base parts that come from an installed package rather than the Hub or a folder: the
+# source name -> the function that gives its local folder.
+PACKAGED = {SMOLLM2_PACKAGE: smollm2_folder}
 
 
 def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
@@ -102,7 +106,10 @@ def _random_llm(config: XVilaConfig, vocab_size: int):
 
 
 def _resolve_part(value: str | None, folder: Path | None) -> str | None:
-    """A part named by a subfolder of the checkpoint resolves against it."""
+    """A part named by a subfolder of the checkpoint resolves against it; a packaged part
+    (`PACKAGED`) to its local folder."""
+    if value in PACKAGED:
+        return str(PACKAGED[value]())
     if value is not None and folder is not None and (folder / value).exists():
         return str(folder / value)
     return value
@@ -184,15 +191,25 @@ def _load_llm_tokenizer(config: XVilaConfig, source: str):
 
 
 def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None, offload_decoders: bool = False):
-    """A preset name, a checkpoint folder, or a Hub repo holding one. `offload_decoders`
-    keeps the decoders on the CPU between requests (for a 24 GB GPU with the 4-bit LLM)."""
+    """A preset name, a shipped checkpoint's name (`SHIPPED`: "toy"), a checkpoint folder,
+    or a Hub repo holding one. `offload_decoders` keeps the decoders on the CPU between
+    requests (for a 24 GB GPU with the 4-bit LLM)."""
     if isinstance(source, str) and source in PRESETS:
         return build_xvila(XVilaConfig.from_name(source), device, offload_decoders=offload_decoders)
+    if isinstance(source, str) and source in SHIPPED:
+        folder = SHIPPED[source]
+        if not (folder / "config.json").is_file():
+            raise WeightsUnavailableError(
+                f"the {source} model is not in this checkout ({folder} has no config.json): train it with "
+                f"`python -m train.toy xvila`, or start from its untrained base, the preset `{source}-base`")
+        return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder,
+                           offload_decoders=offload_decoders)
     folder = Path(source).expanduser()
     if not folder.is_dir():
         if str(source).count("/") != 1:
             raise WeightsUnavailableError(
-                f"{source} is neither a preset ({', '.join(PRESETS)}), a checkpoint folder, nor a Hub repo id"
+                f"{source} is neither a preset ({', '.join(PRESETS)}), a shipped model ({', '.join(SHIPPED)}), "
+                "a checkpoint folder, nor a Hub repo id"
             )
         try:
             folder = Path(snapshot_download(str(source)))
@@ -241,7 +258,10 @@ def save_xvila(model, folder: str | os.PathLike, write_decoders: tuple[str, ...]
             decoders[m] = f"decoders/{m}"
     changes["decoders"] = decoders
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    model.llm.save_pretrained(str(folder / "adapter"))
+    # LoRA and the new tokens' rows only. peft would also write the whole (resized) embedding
+    # matrix and LM head ("auto" does so after a resize): 224 MB for SmolLM2, 1 GB for Vicuna,
+    # all of it the base model's own rows, which the loader resizes (seeded) the same way.
+    model.llm.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
     write_safetensors(_xvila_parts(model).state_dict(), folder / XVILA_WEIGHTS)
     write_json(config.replace(**changes).to_dict(), folder / "config.json")  # last: marks the folder complete
     return folder
