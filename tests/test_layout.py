@@ -176,6 +176,7 @@ LAYERS = [
     {"train.phases"},
     {"train.loop"},
     {"train.__main__"},
+    {"train.toy.results"},  # the toy's results command (evaluation runners + the oracle)
 ]
 
 

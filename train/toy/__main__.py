@@ -3,6 +3,7 @@
     python -m train.toy base                  # train the base parts from nothing -> assets/toy/ (~1 h on 2 CPU cores)
     python -m train.toy base --work DIR       # stage checkpoints there (default runs/toy-base); rerun to resume
     python -m train.toy measure-base          # held-out measurements of assets/toy/ -> assets/toy/BASE.md
+    python -m train.toy results               # the toy X-VILA on held-out scenes -> assets/toy/RESULTS.md + plots (~10 min)
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from train.toy import results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--base", type=Path, default=None, help="exported base (default assets/toy)")
     measure.add_argument("--n", type=int, default=None, help="held-out scenes per measurement")
     measure.add_argument("--report", type=Path, default=None, help="markdown to write (default <base>/BASE.md)")
+    results.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "results":
+        results.run(args)
+        return 0
     if args.command == "base":
         from train.toy import base as b
 
