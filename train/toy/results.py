@@ -626,8 +626,8 @@ def run(args, model: XVila | None = None) -> Path:
     s = settings_of(args)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    if work.exists() and not args.resume:
-        shutil.rmtree(work)
+    if not args.resume:
+        _empty(work)
     start = time.perf_counter()
     try:
         model = model or XVila.from_pretrained(args.checkpoint, device=args.device)
@@ -661,6 +661,20 @@ def run(args, model: XVila | None = None) -> Path:
     path = write_results(r, Path(args.out))
     print(f"wrote {path} ({seconds['total']:.0f} s)")
     return path
+
+
+WORK_ENTRIES = {"data", "x2a", "alpha", "emergent", "draw", "long", "results.json"}  # what a run writes in --work
+
+
+def _empty(work: Path) -> None:
+    """Remove a previous run's work folder; refuse one holding anything else."""
+    if not work.exists():
+        return
+    stray = sorted(p.name for p in work.iterdir() if p.name not in WORK_ENTRIES)
+    if stray:
+        raise SystemExit(f"error: --work {work} holds files this command did not write ({', '.join(stray[:3])}); "
+                         "give an empty or new folder")
+    shutil.rmtree(work)
 
 
 def _argv(args, s: Settings) -> list[str]:
