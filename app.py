@@ -473,6 +473,10 @@ def build(model, *, source: str | None = None, note: str | None = None, concurre
     defaults = demo_defaults(model)
     gpu = dict(concurrency_id="gpu", concurrency_limit=concurrency)  # one queue for every generation
     source = source or model.config.name
+    if model.config.name == "toy-base":  # the recipe's starting point, not the shipped model
+        note = " ".join(filter(None, [note, "toy-base is the world's trained base parts with untrained X-VILA "
+                                      "projections and LoRA (where `python -m train.toy xvila` starts), so its "
+                                      "replies do not yet follow the inputs."]))
     with gr.Blocks(title="X-VILA", delete_cache=(3600, 24 * 3600)) as demo:
         demo.xvila_sessions = Sessions(model, Path(demo.GRADIO_CACHE) / "xvila-sessions", session_ttl)
         on = Handlers(demo.xvila_sessions, make_sender(model))
