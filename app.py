@@ -340,7 +340,7 @@ def to_messages(turns: list[ShownTurn]) -> list[dict]:
 
 
 SEVEN_B = ("The paper's architecture at full size (Vicuna-7B, ImageBind-huge, SD 1.5, VideoCrafter2, AudioLDM): "
-           "`python app.py --checkpoint xvila-7b` on a GPU with 24 GB or more (`--4bit --offload` for 24 GB); "
+           "`python app.py --checkpoint xvila-7b` on a GPU with about 48 GB (`--4bit --offload` fits 24 GB); "
            "its projections are untrained until trained X-VILA weights exist.")
 
 

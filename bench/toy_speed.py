@@ -55,23 +55,25 @@ def first_token(model, options: app.Options, out: str) -> tuple[float, float]:
     return (total if first is None else first), total
 
 
-def reply_seconds(model, options: app.Options, prompt: str, inputs: list[Path], medium: str, out: str) -> float:
+def reply_seconds(model, options: app.Options, prompt: str, inputs: list[Path], medium: str, out: str) -> tuple[float, int]:
+    """(seconds from `send` to the written file, streamed text pieces of the reply)."""
     chat = model.new_chat(outputs_dir=out)
     kwargs = {**options.send_kwargs(), "output": medium}
     start = time.perf_counter()
-    made = [ev for ev in chat.send(prompt, media=[str(p) for p in inputs], **kwargs)
-            if ev.kind == "media" and ev.modality == medium and ev.path]
+    events = list(chat.send(prompt, media=[str(p) for p in inputs], **kwargs))
     seconds = time.perf_counter() - start
-    if not made:
+    if not any(ev.kind == "media" and ev.modality == medium and ev.path for ev in events):
         raise RuntimeError(f"the {medium} turn made no {medium} file")
-    return seconds
+    return seconds, sum(ev.kind == "text" for ev in events)
 
 
 def one_run(model, options: app.Options, out: str) -> dict[str, float]:
     ttft, text = first_token(model, options, out)
     row = {"first token (s)": ttft, "text reply (s)": text}
     for label, prompt, inputs, medium in TURNS:
-        row[label] = reply_seconds(model, options, prompt, inputs, medium, out)
+        # The reply's length varies with the model (an untrained one talks to the token limit):
+        # its count goes beside the time.
+        row[label], row[f"{medium} reply tokens"] = reply_seconds(model, options, prompt, inputs, medium, out)
     return row
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny-random, 2 steps, short outputs: checks the script")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the demo's (an untrained model "
+                   "never stops early)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     options = app.demo_defaults(model)
     if args.quick:
         options = replace(options, **QUICK)
+    if args.max_new_tokens:
+        options = replace(options, max_new_tokens=args.max_new_tokens)
     medians = bench(model, options, runs)
     result = {"checkpoint": checkpoint, "device": str(model.device), "threads": torch.get_num_threads(),
               "cpus": len(os.sched_getaffinity(0)), "runs": runs, "load (s)": load,
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{checkpoint} on {model.device}, {result['threads']} torch threads ({result['cpus']} CPUs usable), "
           f"median of {runs} runs after a warm-up; load {load:.1f} s; settings {result['settings']}")
     for k, v in medians.items():
-        print(f"  {k:<18} {v:8.2f}")
+        print(f"  {k:<20} {v:8.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result

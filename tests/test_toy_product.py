@@ -220,7 +220,9 @@ def test_the_speed_bench_quick_mode_times_every_reply(model, monkeypatch, tmp_pa
     out = tmp_path / "speed.json"
     result = bench.main(["--quick", "--threads", "1", "--json", str(out)])
     m = result["median"]
-    assert set(m) == {"first token (s)", "text reply (s)", "image reply (s)", "video reply (s)", "audio reply (s)"}
-    assert all(v > 0 and math.isfinite(v) for v in m.values()) and m["first token (s)"] <= m["text reply (s)"]
+    seconds = {"first token (s)", "text reply (s)", "image reply (s)", "video reply (s)", "audio reply (s)"}
+    assert seconds | {"image reply tokens", "video reply tokens", "audio reply tokens"} == set(m)
+    assert all(m[k] > 0 and math.isfinite(m[k]) for k in seconds) and m["first token (s)"] <= m["text reply (s)"]
+    assert 0 <= m["image reply tokens"] <= 8  # --quick's token limit
     assert result["threads"] == 1 and result["settings"]["steps"] == 2
     assert json.loads(out.read_text())["median"] == m
