@@ -342,8 +342,11 @@ def _rate(hits: list[bool]) -> dict:
 
 
 def _gen(model, chat, text: str, media_: list, output: str, s: Settings) -> tuple[str, str | None]:
+    # The world's clip: 8 frames at 8 fps, 1 s of sound (the X²A runner decodes at the
+    # decoders' defaults instead; see the report's note).
+    decode = DecodeSettings(steps=s.steps, frames=world.FRAMES, fps=world.FPS, seconds=world.AUDIO_SECONDS)
     events = list(chat.send(text, media=media_, output=output, seed=s.seed, temperature=0.0,
-                            max_new_tokens=s.max_new_tokens, decode=DecodeSettings(steps=s.steps)))
+                            max_new_tokens=s.max_new_tokens, decode=decode))
     made = next((e.path for e in events if e.kind == "media" and e.modality == output and e.path), None)
     return "".join(e.text for e in events if e.kind == "text").strip(), made
 
@@ -548,7 +551,9 @@ def markdown(r: dict) -> str:
         "## 1. X²A by decoding mode (paper Table 2/3)", "",
         "Cells: mean X²A (the toy ImageBind's cosine similarity ×100 between the output and the ground truth) "
         f"[95 % interval]; TA+VEH at α = {r['alpha_default']:g}. `xvila.evaluation`'s X²A runner on the builders' "
-        f"conversation format.", "",
+        f"conversation format; it decodes at the decoders' default length ({DecodeSettings().frames} frames, "
+        f"{DecodeSettings().seconds:g} s of sound), against the world's {world.FRAMES}-frame, "
+        f"{world.AUDIO_SECONDS:g} s truths.", "",
         report.modes_table(x2a_sum, list(MODES)), "", report.counts_line(x2a_sum), "",
         f"![X²A by decoding mode]({PLOTS['modes']})", "",
         "## 2. Details only the highway carries (pixel oracle)", "",
