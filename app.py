@@ -537,11 +537,11 @@ def generation_controls(d: Options) -> list:
 
 
 # (prompt, files in assets/world/, reply with): every answer is a fact of the scene the file
-# shows (assets/make_examples.py: red circle on blue, a green star moving up on yellow, the
+# shows, asked as the toy's training data asks (train/toy/data.py, train/builders.py) (assets/make_examples.py: red circle on blue, a green star moving up on yellow, the
 # sound of a large blue square on white).
 WORLD_EXAMPLES = [
     ("What is this?", ["red-circle.png"], "text"),
-    ("How is the shape moving in this video?", ["green-star-up.mp4"], "text"),
+    ("How is it moving?", ["green-star-up.mp4"], "text"),
     ("What made this sound?", ["blue-square.wav"], "text"),
     ("Draw a blue square on a yellow background.", [], "image"),
     ("Make a video that starts from this image.", ["red-circle.png"], "video"),

@@ -46,8 +46,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.batches import GENERATE_PROMPTS
 from train.builders import HUMAN_TEMPLATES
 from train.data import GPT, HUMAN, X2X_TYPES
+from train.toy.data import QUESTIONS as ASKED
 from train.toy.measure import wilson
 from xvila import media
 from xvila.constants import AUDIO, IMAGE, VIDEO
@@ -87,14 +89,15 @@ ROLES = {
     "IMG+AUD2VID": ((("image", "first"), ("audio", "audio")), VIDEO, "clip"),
 }
 WHERE = {"beginning": "first", "middle": "middle", "end": "last"}  # the prompt's word -> the frame
-QUESTIONS = {  # understanding: (prompt, input artifact, what the reply must name)
-    "image → colour": ("What colour is the shape in this image?", "first", ("colour",)),
-    "image → shape": ("What shape is in this image?", "first", ("shape",)),
-    "video → motion": ("How is the shape moving in this video?", "clip", ("motion",)),
-    "audio → shape": ("What made this sound?", "audio", ("shape",)),
-    "audio → colour": ("What made this sound?", "audio", ("colour",)),
+QUESTIONS = {  # understanding: (prompt, input artifact, what the reply must name); the training Q&A's first phrasings
+    "image → colour": (ASKED["colour"][0], "first", ("colour",)),
+    "image → shape": (ASKED["shape"][0], "first", ("shape",)),
+    "video → motion": (ASKED["motion"][0], "clip", ("motion",)),
+    "audio → shape": (ASKED["sound"][0], "audio", ("shape",)),
+    "audio → colour": (ASKED["sound"][0], "audio", ("colour",)),
 }
-DRAW = "Draw {a} {colour} {shape} on {b} {background} background."
+# Text -> image as phase 1's generation rows ask (train/batches.py), naming colour, shape and background.
+DRAW = GENERATE_PROMPTS[0].format(noun="an image", caption="{a} {colour} {shape} on {b} {background} background")
 LONG_TURNS = ("Here is a picture.", "Here is a video.", "And here is a sound.")
 LONG_REQUEST = "Now make a video with all of them."
 LONG_STRIDE = 100_000  # the three scenes of a long-context sample: seed, seed + stride, seed + 2 stride
@@ -569,7 +572,8 @@ def markdown(r: dict) -> str:
         "## 4. Understanding", "",
         "A greedy text reply to a fixed question about a held-out one-thing scene, read for the world's words (the "
         "first colour, shape or motion it names, the background phrase apart) against the scene. Text → image: "
-        "\"Draw a red star on a blue background.\"; the pixel oracle reads the picture.", "",
+        f"{DRAW.format(a='a', colour='red', shape='star', b='a', background='blue')!r}; the pixel oracle reads the "
+        "picture.", "",
         understanding_table(r["understanding"]), "", f"![understanding]({PLOTS['understanding']})", "",
         "## 5. Emergent: IMG2AUD and AUD2IMG (never in training)", "",
         "X²A of each output against its own ground truth, and against the truth of another conversation of the "
