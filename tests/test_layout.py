@@ -178,6 +178,7 @@ LAYERS = [
     {"train.__main__"},
     {"train.toy.data"},  # the toy recipe's data: the builders on the world corpus, pair and Q&A adapters
     {"train.toy.xvila"},  # the toy recipe: data, the four phases through `python -m train`, the export
+    {"train.toy.scoring"},  # the toy results' referee: oracle scores of outputs, replies read for world words
     {"train.toy.results"},  # the toy's results command (evaluation runners + the oracle)
 ]
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from train.toy import results
+from train.toy import results, scoring
 from xvila import WeightsUnavailableError, media
 from xvila.toy import oracle, world
 
@@ -75,18 +75,18 @@ def test_results_refuses_bad_options_and_a_work_folder_it_did_not_write(tmp_path
 @pytest.mark.parametrize("seed", range(SEED, SEED + 6))
 def test_the_truth_scores_perfectly_against_itself(seed):
     truth = frame(world.sample_scene(seed))
-    assert results.position_error(truth, truth) == pytest.approx(0.0, abs=1e-9)
-    assert results.texture_match(truth, truth) == 1.0
-    assert results.shade_distance(truth, truth) == pytest.approx(0.0, abs=1e-6)
+    assert scoring.position_error(truth, truth) == pytest.approx(0.0, abs=1e-9)
+    assert scoring.texture_match(truth, truth) == 1.0
+    assert scoring.shade_distance(truth, truth) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("texture", world.TEXTURES)
 def test_the_background_texture_is_read_from_pixels_also_through_mp4(texture, tmp_path):
     for seed in range(SEED, SEED + 4):
         scene = world.sample_scene(seed, texture=texture)
-        assert results.background_texture(frame(scene)) == texture
+        assert scoring.background_texture(frame(scene)) == texture
     path = media.write_mp4(tmp_path / "clip.mp4", world.render_video(scene), world.FPS)
-    assert results.background_texture(results.frames_of(path)[0]) == texture
+    assert scoring.background_texture(scoring.frames_of(path)[0]) == texture
 
 
 def test_a_shifted_thing_scores_its_shift_and_other_details_score_worse():
@@ -96,19 +96,19 @@ def test_a_shifted_thing_scores_its_shift_and_other_details_score_worse():
     dx = 0.2 if x < 0.5 else -0.2
     shifted = dataclasses.replace(scene, things=(dataclasses.replace(thing, position=(x + dx, y)),))
     truth = frame(scene)
-    assert results.position_error(frame(shifted), truth) == pytest.approx(0.2, abs=0.03)
+    assert scoring.position_error(frame(shifted), truth) == pytest.approx(0.2, abs=0.03)
     other = next(t for t in world.TEXTURES if t != scene.texture)
-    assert results.texture_match(frame(dataclasses.replace(scene, texture=other)), truth) == 0.0
+    assert scoring.texture_match(frame(dataclasses.replace(scene, texture=other)), truth) == 0.0
     shade = tuple(int(np.clip(s + 10, -10, 10)) - s for s in scene.background_shade)  # as far as the jitter allows
     lighter = dataclasses.replace(scene, background_shade=tuple(s + d for s, d in zip(scene.background_shade, shade)))
     # The background moves by |shade| in RGB, the thing not at all: the mean of the two.
-    assert results.shade_distance(frame(lighter), truth) == pytest.approx(np.linalg.norm(shade) / 2, abs=1.5)
+    assert scoring.shade_distance(frame(lighter), truth) == pytest.approx(np.linalg.norm(shade) / 2, abs=1.5)
 
 
 def test_an_output_without_a_thing_scores_as_chance():
     scene = one_thing()
     empty = np.broadcast_to(np.array(scene.background_rgb, np.uint8), frame(scene).shape).copy()
-    assert results.position_error(empty, frame(scene)) == results.MISS_POSITION
+    assert scoring.position_error(empty, frame(scene)) == scoring.MISS_POSITION
 
 
 def test_detail_scores_of_files_align_frames_and_resize(tmp_path):
@@ -116,14 +116,14 @@ def test_detail_scores_of_files_align_frames_and_resize(tmp_path):
     clip = media.write_mp4(tmp_path / "clip.mp4", world.render_video(scene), world.FPS)
     small = media.write_png(tmp_path / "small.png", world.render_image(scene, resolution=32))
     big = media.write_png(tmp_path / "big.png", world.render_image(scene))
-    same = results.detail_scores(clip, clip)
+    same = scoring.detail_scores(clip, clip)
     assert same["position error"] == pytest.approx(0.0, abs=1e-9) and same["texture match"] == 1.0
-    assert results.detail_scores(small, big)["position error"] < 0.03  # 32 px against 64 px
+    assert scoring.detail_scores(small, big)["position error"] < 0.03  # 32 px against 64 px
     scene = world.sample_scene(SEED + 7, things=[{"motion": "right", "size": "small"}])
     forth = media.write_mp4(tmp_path / "forth.mp4", world.render_video(scene), world.FPS)
     back = media.write_mp4(tmp_path / "back.mp4", world.render_video(scene)[::-1], world.FPS)
     # Frames at the same times: the ends are a whole travel apart, the middles close.
-    assert results.detail_scores(back, forth)["position error"] == pytest.approx(world.TRAVEL * 2 / 3, abs=0.04)
+    assert scoring.detail_scores(back, forth)["position error"] == pytest.approx(world.TRAVEL * 2 / 3, abs=0.04)
 
 
 # ------------------------------------------------------------------------------ reading replies
@@ -141,7 +141,7 @@ def test_detail_scores_of_files_align_frames_and_resize(tmp_path):
     ("It is shrinking, then it goes down", dict(motion="shrink")),
 ])
 def test_replies_are_read_for_the_worlds_words(reply, expected):
-    parsed = results.parse_reply(reply)
+    parsed = scoring.parse_reply(reply)
     assert {k: parsed[k] for k in expected} == expected
 
 
