@@ -1,7 +1,7 @@
 """The toy X-VILA's results on held-out world scenes -> assets/toy/RESULTS.md + PNG plots.
 
     python -m train.toy results                          # checkpoint `toy` -> assets/toy/RESULTS.md (~10 min, 2 cores)
-    python -m train.toy results --checkpoint DIR --n 4   # another checkpoint, fewer samples per cell
+    python -m train.toy results --checkpoint DIR --n 8   # another checkpoint, more samples per cell
     python -m train.toy results --resume                 # continue a killed run in --work
 
 Every scene comes from a held-out seed (>= world.TEST_SEED_START + SEED_OFFSET: never in
