@@ -21,9 +21,16 @@ Steps, each skipped when done and resumed when interrupted:
    there records the steps, the wall and CPU seconds of every step of the run.
 
 Threads: each phase runs one process with `--threads` torch threads (default 1). Measured
-on the project's 2 shared CPU cores under load, SmolLM2-135M forward+backward on 8 rows of
-58 tokens took 8.5 s with one thread and 30-75 s with two (threads that wait for a busy
-core spin); on an idle machine try `--threads 2`.
+on the project's 2 shared CPU cores under load (load average ~12), SmolLM2-135M
+forward+backward on 8 rows of 58 tokens took 8.5 s with one thread and 30-75 s with two
+(threads that wait for a busy core spin); on an idle machine try `--threads 2`.
+
+Sizing (train/configs/toy/): CPU seconds per step, one thread, from two trial runs on the
+untrained base (2 and 8 steps; the difference over 6 steps), default batches of 8 records:
+phase 1 5.7 (8 pairs = 16 rows), phase 2 6.8 (8 three-turn rows), phase 3a 6.2, phase 3b
+3.4 (the U-Nets only); each phase's start (imports, loading) ~10-20 CPU s; the data for 280
+videos about a minute. The shipped step counts (120, 80, 150, 150) add up to ~48 CPU
+minutes; the wall time is that on an idle core, several times more on a loaded one.
 """
 
 from __future__ import annotations
