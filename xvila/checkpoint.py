@@ -64,6 +64,18 @@ def _hub_parts(config: XVilaConfig, folder: Path | None) -> list[tuple[str, str,
     return parts
 
 
+def check_local_parts(config: XVilaConfig, folder: Path | None = None) -> None:
+    """Name every base part given as an absolute path (never a Hub id) that is not there,
+    e.g. the toy preset's `assets/toy/` before `python -m train.toy base` has run."""
+    named = {"LLM": config.llm, "ImageBind": config.imagebind, **{f"{m} decoder": v for m, v in config.decoders.items()}}
+    missing = [f"{what} ({value})" for what, value in named.items()
+               if value is not None and Path(value).is_absolute() and not Path(value).exists()
+               and not (folder is not None and (folder / value).exists())]
+    if missing:
+        raise WeightsUnavailableError(f"{config.name}: these base parts are not on disk: {', '.join(missing)}. "
+                                      "For the toy world, train them with `python -m train.toy base`.")
+
+
 def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
     """With HF_HUB_OFFLINE set, name every base part missing from the local cache at once,
     instead of failing on the first after minutes of loading."""
@@ -120,6 +132,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     """An XVila from `config`: base parts loaded (or random where named None), X-VILA parts
     fresh (seeded) unless `folder` is a checkpoint to read them from."""
     device = default_device(device)
+    check_local_parts(config, folder)
     check_offline_availability(config, folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
