@@ -633,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GRADIO_TEMP_DIR"] = workdir = tempfile.mkdtemp(prefix="xvila-demo-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server cleans up too
+    print(f"x-vila: loading {args.checkpoint or default_checkpoint()} ...", flush=True)
     model, source, note = load_model(args.checkpoint, args.device, args.four_bit, args.offload)
     print(f"x-vila: serving {source} on {model.device}.", file=sys.stderr, flush=True)
     demo = build(model, source=source, note=note, concurrency=args.concurrency)
