@@ -13,12 +13,14 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
 from train.data import X2X_MODALITIES, X2X_TYPES, placeholder_sequence, read_manifest, record_media
 from train.toy import __main__ as toy_cli
 from train.toy import data as toy_data
+from train.toy import xvila as recipe
 from train.toy.base import export, world_words
 from xvila import XVila, checkpoint
 from xvila.checkpoint import build_xvila
@@ -155,6 +157,37 @@ def test_data_refuses_a_folder_built_with_other_settings(data):
 
 
 # ------------------------------------------------------------------------------ the recipe
+def test_a_stopped_phase_resumes_and_a_failed_one_says_how_to_go_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return type("Done", (), {"returncode": 1})()
+
+    monkeypatch.setattr(recipe.subprocess, "run", fake_run)
+    with pytest.raises(recipe.RecipeError, match="phase 2 failed.*run the same command again"):
+        recipe.run_phase("2", tmp_path, ["steps=3"], threads=1, log=lambda *_: None)
+    assert "--resume" not in calls[-1] and calls[-1][-1] == "steps=3"
+    (tmp_path / "phase2" / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "phase2" / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    with pytest.raises(recipe.RecipeError):
+        recipe.run_phase("2", tmp_path, [], threads=1, log=lambda *_: None)
+    assert calls[-1][-1] == "--resume" and calls[-1][1:4] == ["-m", "train", "phase2"]
+
+
+def test_overrides_point_each_phase_at_the_previous_one_and_this_runs_data(tmp_path):
+    manifests = toy_data.manifests(tmp_path / "data")
+    over = dict(o.split("=", 1) for o in recipe.phase_overrides("3a", tmp_path, manifests, 1.0, None))
+    assert over["init"] == str(tmp_path / "phase2" / "final") and over["out_dir"] == str(tmp_path / "phase3a")
+    assert [(m["path"], m["weight"]) for m in json.loads(over["manifests"])] == [
+        (str(manifests["x2x"]), 0.6), (str(manifests["understand"]), 0.4)]
+    assert "steps" not in over  # the shipped config's own count
+    over = dict(o.split("=", 1) for o in recipe.phase_overrides("1", tmp_path, manifests, 0.1, None, batch=2))
+    shipped = yaml.safe_load((recipe.CONFIGS / "phase1.yaml").read_text())["steps"]
+    assert over["init"] == str(tmp_path / "init") and over["steps"] == str(round(shipped * 0.1))
+    assert over["global_batch"] == over["micro_batch"] == "2"
+
+
 def test_trial_recipe_runs_every_phase_and_exports_a_model_that_chats(base, tmp_path, capsys):
     work, out = tmp_path / "work", base / "xvila"  # where the real one goes: assets/toy/xvila
     argv = ["xvila", "--work", str(work), "--base", str(base), "--out", str(out), "--videos", "2",
