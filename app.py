@@ -3,9 +3,10 @@
     python app.py [--checkpoint NAME_OR_PATH] [--device cuda|cpu] [--4bit] [--offload]
                   [--port N] [--share] [--host ADDR] [--concurrency N] [--max-file-size SIZE]
 
-Without --checkpoint it serves `xvila-7b` on a CUDA GPU and the offline preset
-`tiny-random` (untrained, random weights) elsewhere; a checkpoint that cannot be loaded is
-explained in one terminal line and replaced by `tiny-random`. UI code only: the model is
+Without --checkpoint it serves `toy`, the X-VILA trained on the toy world of coloured
+shapes that ships in `assets/toy/` (offline, on any machine); a checkpoint that cannot be
+loaded - `toy` too, in a checkout without it - is explained in one terminal line and
+replaced by the preset `tiny-random` (untrained, random weights). UI code only: the model is
 reached through `xvila`'s public names and nothing is loaded at import time (`build(model)`
 makes the page for a model you already have).
 
@@ -48,18 +49,29 @@ except ImportError:  # not on a Space: run on whatever device the model is on
     spaces = None
 
 from xvila import XVilaError  # noqa: E402
+from xvila.toy import world  # noqa: E402  (numpy and PIL only: the example scenes and what the toy knows)
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
-FALLBACK = "tiny-random"  # the offline default: builds in seconds on a CPU, no download
+DEFAULT = "toy"  # the shipped toy-world model: offline, answers sensibly about its world
+FALLBACK = "tiny-random"  # when nothing else loads: builds in seconds on a CPU, no download
+TOY = ("toy", "toy-base")  # model names (config.name) of the toy world's models
+# The toy's decoders make the world's 1 s clips (8 frames at 8 fps) and were measured at
+# 20 steps, guidance 5 (train/toy/measure.py); longer outputs would be extrapolation.
+TOY_SETTINGS = dict(steps=20, guidance=5.0, video_frames=world.FRAMES, audio_seconds=world.AUDIO_SECONDS)
+EXAMPLES = ASSETS / "world"  # written by assets/make_examples.py
 SESSION_TTL = 2 * 3600  # seconds an idle session (an API client that never says goodbye) is kept
 REPLY_WITH = ["auto", "text", "image", "video", "audio"]
 ALPHA_INFO = ("α: the share of denoising steps, the last and least noisy ones (t < α·T), on which the "
               "input's visual features steer the image/video decoder; 0 = off, 1 = every step.")
 # A gallery inside a chat message keeps a fixed height; let it fit its thumbnails instead.
+# The toy's pictures are 64 px: shown at least 256 px wide, upscaled without smoothing (nearest
+# neighbour) in the page only - the files stay exactly what the model made.
 CSS = """
 #xvila-chat .gallery-container .grid-wrap { height: auto !important; min-height: 0 !important; }
 #xvila-chat .gallery-container .grid-container { max-width: 540px; }
+#xvila-chat img, #xvila-chat video { image-rendering: pixelated; min-width: 256px; }
+#xvila-chat .gallery-container img { min-width: 0; }
 """
 
 
@@ -373,7 +385,21 @@ def to_messages(turns: list[ShownTurn]) -> list[dict]:
     return messages
 
 
-def header(source: str, device: str, untrained: bool, note: str | None) -> str:
+SEVEN_B = ("The paper's architecture at full size (Vicuna-7B, ImageBind-huge, SD 1.5, VideoCrafter2, AudioLDM): "
+           "`python app.py --checkpoint xvila-7b` on a GPU with about 48 GB (`--4bit --offload` fits 24 GB); "
+           "its projections are untrained until trained X-VILA weights exist.")
+
+
+def toy_knowledge() -> str:
+    """What the toy model knows, from the world itself (so the page never drifts from it)."""
+    return (f"It knows one small world and nothing else: scenes of one or two shapes "
+            f"({', '.join(world.SHAPES)}) in {len(world.COLOURS)} colours ({', '.join(world.COLOURS)}) on a "
+            f"coloured background, {', '.join(world.MOTION_WORDS.values())}, and their sounds (each colour "
+            "its own pitch, each shape its own rhythm). Ask what a picture, clip or sound shows, or ask for a "
+            "picture, a video or a sound of such a scene; the examples below are scenes of that world.")
+
+
+def header(source: str, device: str, untrained: bool, note: str | None, toy: bool = False) -> str:
     lines = [
         "# X-VILA · any-to-any chat",
         "Send text with any number of images, videos and audio clips; the reply can be text, an "
@@ -381,13 +407,28 @@ def header(source: str, device: str, untrained: bool, note: str | None) -> str:
         "video's own features into the image/video decoder.",
         f"**Serving `{source}` on `{device}`.**",
     ]
+    if toy:
+        lines[-1] += (" This is the **toy model**: X-VILA's recipe run on CPUs at toy size (SmolLM2-135M and "
+                      "small diffusion decoders, 64 px pictures), not the paper's 7B model. " + toy_knowledge())
     if untrained:
         lines[-1] += (" ⚠️ **Untrained**: a tiny model with random weights, so its words and media are "
-                      "noise. It shows how the demo works; run `python app.py --checkpoint xvila-7b` on "
-                      "a GPU for the real model.")
+                      "noise. It shows how the demo works; `python app.py` serves the trained toy model "
+                      "where it is in the checkout.")
     if note:
         lines.append(f"⚠️ {html.escape(note)}")
+    lines.append(SEVEN_B)
     return "\n\n".join(lines)
+
+
+def demo_defaults(model) -> "Options":
+    """The page's starting settings: the decoders' defaults, the checkpoint's α, and the
+    toy world's clip length and measured settings when serving a toy model."""
+    from xvila.decoders.base import DecodeSettings
+
+    d = DecodeSettings()
+    base = dict(alpha=model.config.highway_alpha, steps=d.steps, guidance=d.guidance, video_frames=d.frames,
+                audio_seconds=d.seconds)
+    return Options(**{**base, **(TOY_SETTINGS if model.config.name in TOY else {})})
 
 
 # ------------------------------------------------------------------------------ the page
@@ -476,17 +517,18 @@ def build(model, *, source: str | None = None, note: str | None = None, concurre
           session_ttl: float = SESSION_TTL) -> gr.Blocks:
     """The demo page for `model` (an `XVila`). `source` names it in the header; `note` says
     why it is not the checkpoint that was asked for. Launch it with `css=CSS`."""
-    from xvila.decoders.base import DecodeSettings
-
-    d = DecodeSettings()
-    defaults = Options(alpha=model.config.highway_alpha, steps=d.steps, guidance=d.guidance,
-                       video_frames=d.frames, audio_seconds=d.seconds)
+    defaults = demo_defaults(model)
     gpu = dict(concurrency_id="gpu", concurrency_limit=concurrency)  # one queue for every generation
     source = source or model.config.name
+    if model.config.name == "toy-base":  # the recipe's starting point, not the shipped model
+        note = " ".join(filter(None, [note, "toy-base is the world's trained base parts with untrained X-VILA "
+                                      "projections and LoRA (where `python -m train.toy xvila` starts), so its "
+                                      "replies do not yet follow the inputs."]))
     with gr.Blocks(title="X-VILA", delete_cache=(3600, 24 * 3600)) as demo:
         demo.xvila_sessions = Sessions(model, Path(demo.GRADIO_CACHE) / "xvila-sessions", session_ttl)
         on = Handlers(demo.xvila_sessions, make_sender(model))
-        gr.Markdown(header(source, str(model.device), source == FALLBACK, note), elem_id="xvila-header")
+        gr.Markdown(header(source, str(model.device), source == FALLBACK, note, model.config.name in TOY),
+                    elem_id="xvila-header")
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=560, elem_id="xvila-chat",
@@ -500,7 +542,8 @@ def build(model, *, source: str | None = None, note: str | None = None, concurre
                                       info="auto: the model decides; otherwise the reply ends with that medium")
             with gr.Column(scale=1, min_width=280):
                 controls = [reply_with, *highway_controls(defaults), *generation_controls(defaults)]
-        gr.Examples(examples_of(), inputs=[msg, reply_with], label="Examples (our own small files in assets/)")
+        gr.Examples(examples_of(), inputs=[msg, reply_with],
+                    label="Examples: scenes of the toy world (assets/world/, drawn by xvila.toy.world)")
         # The API endpoint's outputs and trigger (not shown on the page).
         api_out = [gr.Textbox(label="reply", visible=False), gr.File(label="media", file_count="multiple", visible=False)]
         api_trigger = gr.Button(visible=False)
@@ -540,22 +583,27 @@ def generation_controls(d: Options) -> list:
         ]
 
 
+# (prompt, files in assets/world/, reply with): every answer is a fact of the scene the file
+# shows, asked as the toy's training data asks (train/toy/data.py, train/builders.py) (assets/make_examples.py: red circle on blue, a green star moving up on yellow, the
+# sound of a large blue square on white).
+WORLD_EXAMPLES = [
+    ("What is this?", ["red-circle.png"], "text"),
+    ("How is it moving?", ["green-star-up.mp4"], "text"),
+    ("What made this sound?", ["blue-square.wav"], "text"),
+    ("Draw a blue square on a yellow background.", [], "image"),
+    ("Make a video that starts from this image.", ["red-circle.png"], "video"),
+    ("What would this video sound like? Please generate its audio.", ["green-star-up.mp4"], "audio"),
+    ("Can you draw a picture of what makes this sound?", ["blue-square.wav"], "image"),
+]
+
+
 def examples_of() -> list[list]:
-    photo, clip, sound = (str(ASSETS / n) for n in ("lighthouse.png", "waves.mp4", "bell.wav"))
-    return [
-        [{"text": "Make a short video from this picture.", "files": [photo]}, "video"],
-        [{"text": "Show this scene as a single image.", "files": [clip]}, "image"],
-        [{"text": "What could make this sound? Show me a video of it.", "files": [sound]}, "video"],
-        [{"text": "Animate this picture to go with this sound.", "files": [photo, sound]}, "video"],
-        [{"text": "Tell me a short story about a lighthouse keeper.", "files": []}, "text"],
-    ]
+    return [[{"text": text, "files": [str(EXAMPLES / f) for f in files]}, reply] for text, files, reply in WORLD_EXAMPLES]
 
 
 # ------------------------------------------------------------------------------ start-up
 def default_checkpoint() -> str:
-    import torch
-
-    return "xvila-7b" if torch.cuda.is_available() else FALLBACK
+    return DEFAULT
 
 
 def requested_source(checkpoint: str | None, four_bit: bool) -> tuple[str, str | None]:
@@ -590,10 +638,13 @@ def load_model(checkpoint: str | None, device: str | None, four_bit: bool = Fals
         return XVila.from_pretrained(source, device=device, offload_decoders=offload), source, None
     except Exception as err:  # any load failure: say why, serve the offline default
         why = " ".join(str(err).split()) or type(err).__name__
-        line = (f"could not load {source} ({type(err).__name__}: {why}); {_advice(err)}. "
+        advice = "" if source == DEFAULT else f"; {_advice(err)}"  # the toy's own message says how to make it
+        line = (f"could not load {source} ({type(err).__name__}: {why}){advice}. "
                 f"Serving {FALLBACK} (untrained, random weights) instead.")
         print(f"x-vila: {line}", file=sys.stderr, flush=True)
-        return XVila.from_pretrained(FALLBACK, device="cpu"), FALLBACK, f"{source} could not be loaded: see the terminal."
+        note = (f"The toy model is not in this checkout, so this is {FALLBACK}; `python -m train.toy xvila` trains it."
+                if source == DEFAULT else f"{source} could not be loaded: see the terminal.")
+        return XVila.from_pretrained(FALLBACK, device="cpu"), FALLBACK, note
 
 
 def _env_flag(name: str) -> bool:
@@ -606,8 +657,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="X-VILA demo: any-to-any chat in the browser.")
     p.add_argument("--checkpoint", default=env("XVILA_CHECKPOINT") or None,
-                   help="a preset (xvila-7b, xvila-7b-4bit, tiny-random), a checkpoint folder or a Hub repo id; "
-                        "default: xvila-7b with a CUDA GPU, else tiny-random")
+                   help="toy (the shipped toy-world model), a preset (xvila-7b, xvila-7b-4bit, toy-base, "
+                        "tiny-random), a checkpoint folder or a Hub repo id; default: toy (tiny-random when it "
+                        "is not in the checkout)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=env("XVILA_DEVICE") or None,
                    help="default: cuda when available")
     p.add_argument("--4bit", dest="four_bit", action="store_true", default=_env_flag("XVILA_4BIT"),
@@ -628,6 +680,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GRADIO_TEMP_DIR"] = workdir = tempfile.mkdtemp(prefix="xvila-demo-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server cleans up too
+    print(f"x-vila: loading {args.checkpoint or default_checkpoint()} ...", flush=True)
     model, source, note = load_model(args.checkpoint, args.device, args.four_bit, args.offload)
     print(f"x-vila: serving {source} on {model.device}.", file=sys.stderr, flush=True)
     demo = build(model, source=source, note=note, concurrency=args.concurrency)

@@ -1,6 +1,12 @@
-"""Makes the demo's example files: a picture, a short video with sound, an audio clip.
+"""Makes the demo's example files: toy-world scenes, and a picture, a video and a sound of our own.
 
-    python assets/make_examples.py      # rewrites assets/lighthouse.png, waves.mp4, bell.wav
+    python assets/make_examples.py      # rewrites assets/world/*, assets/lighthouse.png, waves.mp4, bell.wav
+
+The demo's examples are scenes of the toy world (`xvila.toy.world`, held-out seeds, so the
+toy model never saw them in training), chosen so that each example's prompt in `app.py`
+has a plain answer: a red circle on blue, a green star moving up on yellow (with its
+sound), the sound of a large blue square. The lighthouse, waves and bell stay for the tests
+and for models of the real world.
 
 Everything is drawn and synthesised here (numpy + PIL), seeded, and written through
 `xvila.media`'s writers, so the files are ours to ship, small (well under 100 kB together),
@@ -17,8 +23,22 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from xvila import media  # noqa: E402
+from xvila.toy import world  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+WORLD = HERE / "world"
+# name -> (held-out seed, the scene's constraints): what app.WORLD_EXAMPLES asks about.
+WORLD_SCENES = {
+    "red-circle": (world.TEST_SEED_START + 900_000_001,
+                   dict(things=[{"shape": "circle", "colour": "red", "size": "large", "motion": "still"}],
+                        background="blue", texture="stripes")),
+    "green-star-up": (world.TEST_SEED_START + 900_000_002,
+                      dict(things=[{"shape": "star", "colour": "green", "size": "large", "motion": "up"}],
+                           background="yellow", texture="dots")),
+    "blue-square": (world.TEST_SEED_START + 900_000_003,
+                    dict(things=[{"shape": "square", "colour": "blue", "size": "large", "motion": "still"}],
+                         background="white", texture="plain")),
+}
 RATE = 16000  # audio sample rate (ImageBind's)
 
 
@@ -78,7 +98,23 @@ def bell(seconds: float = 2.0) -> np.ndarray:
     return (0.5 * x / np.abs(x).max()).astype(np.float32)[None]
 
 
+def world_scene(name: str) -> world.Scene:
+    seed, constraints = WORLD_SCENES[name]
+    return world.sample_scene(seed, **constraints)
+
+
+def write_world_examples(folder: Path = WORLD) -> list[Path]:
+    """red-circle.png, green-star-up.mp4 (with its sound), blue-square.wav."""
+    red, star, square = (world_scene(n) for n in ("red-circle", "green-star-up", "blue-square"))
+    sound = media.Audio(world.render_audio(star)[None], world.SAMPLE_RATE)
+    return [media.write_png(folder / "red-circle.png", world.render_image(red)),
+            media.write_mp4(folder / "green-star-up.mp4", world.render_video(star), world.FPS, sound),
+            media.write_wav(folder / "blue-square.wav", world.render_audio(square)[None], world.SAMPLE_RATE)]
+
+
 def main() -> None:
+    for path in write_world_examples():
+        print(f"{path}: {path.stat().st_size / 1024:.1f} kB")
     media.write_png(HERE / "lighthouse.png", lighthouse())
     frames, audio = waves()
     media.write_mp4(HERE / "waves.mp4", frames, fps=8, audio=audio)

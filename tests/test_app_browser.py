@@ -74,7 +74,7 @@ def test_chat_in_a_real_browser(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    with app_server(tmp_path) as (url, _), sync_playwright() as p:
+    with app_server(tmp_path, "--checkpoint", "tiny-random") as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})

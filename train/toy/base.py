@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from train.toy import binding
 from train.toy.bank import VARIANTS, Bank
 from train.toy.stages import Stage, finished, load_stage, run_stage
-from xvila.checkpoint import save_imagebind, write_json
 from xvila.decoders.base import denoising_loss
 from xvila.encoders.clip_tokenizer import ImageBindTokenizer
+from xvila.encoders.imagebind_weights import save_imagebind
+from xvila.fileio import write_json
 from xvila.toy import world
 from xvila.toy.parts import SIZES, LogMel, ToyParts
 

@@ -31,8 +31,9 @@ from transformers import (
 )
 from transformers.audio_utils import mel_filter_bank
 
-from xvila.decoders.audio import AudioDecoder, toy_roberta_tokenizer
+from xvila.decoders.audio import AudioDecoder
 from xvila.decoders.image import ImageDecoder
+from xvila.decoders.tiny import toy_roberta_tokenizer
 from xvila.decoders.video import UNet3DVideoCrafterConditionModel, VideoDecoder
 from xvila.encoders.clip_tokenizer import toy_clip_tokenizer
 from xvila.encoders.imagebind import ImageBind, ImageBindConfig
