@@ -159,17 +159,21 @@ def test_the_io_leaf_imports_only_errors():
 # The README's table of modules as layers: a module imports only modules of lower layers.
 LAYERS = [
     {"xvila.errors", "xvila.constants", "xvila.projections", "xvila.encoders", "xvila.decoders", "train",
-     "xvila.encoders.clip_tokenizer"},
-    {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.config", "xvila.conversation", "xvila.smollm"},
-    {"xvila.media", "xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "xvila.engine", "train.checksums"},
-    {"xvila.encoders.imagebind_preprocess", "xvila.encoders.imagebind_weights", "xvila.decoders.base", "train.data"},
-    {"xvila.decoders.image", "xvila.decoders.video", "xvila.decoders.audio", "xvila.model", "train.adapters",
+     "xvila.encoders.clip_tokenizer", "xvila.toy", "train.toy"},
+    {"xvila", "xvila.fileio", "xvila.encoders.imagebind", "xvila.conversation", "xvila.smollm", "xvila.resources",
+     "xvila.toy.world"},
+    {"xvila.config", "xvila.media", "xvila.toy.oracle", "train.toy.binding"},
+    {"xvila.llm", "xvila.decoders.tiny", "xvila.decoders.controller", "train.checksums"},
+    {"xvila.engine", "xvila.encoders.imagebind_preprocess", "xvila.encoders.imagebind_weights", "xvila.decoders.base",
+     "train.data", "train.toy.corpus"},
+    {"xvila.decoders.image", "xvila.decoders.video", "xvila.decoders.audio", "xvila.media_worker", "train.adapters",
      "train.builders"},
-    {"xvila.chat", "xvila.checkpoint", "train.cache", "train.export", "xvila.evaluation.stats"},
+    {"xvila.model", "xvila.toy.parts"},
+    {"xvila.chat", "xvila.checkpoint", "train.cache", "train.export", "xvila.evaluation.stats", "train.toy.bank"},
     {"xvila.evaluation.answers", "xvila.evaluation.captions", "xvila.evaluation.records", "xvila.evaluation.report",
-     "xvila.evaluation.manifests", "xvila.evaluation.x2a"},
-    {"xvila.evaluation.understand", "xvila.evaluation.benchmark"},
-    {"xvila.evaluation"},
+     "xvila.evaluation.manifests", "xvila.evaluation.x2a", "train.toy.stages"},
+    {"xvila.evaluation.understand", "xvila.evaluation.benchmark", "train.toy.base"},
+    {"xvila.evaluation", "train.toy.measure"},
     {"xvila.evaluation.__main__"},
     {"train.batches"},
     {"train.phase3b"},
@@ -180,6 +184,7 @@ LAYERS = [
     {"train.toy.xvila"},  # the toy recipe: data, the four phases through `python -m train`, the export
     {"train.toy.scoring"},  # the toy results' referee: oracle scores of outputs, replies read for world words
     {"train.toy.results"},  # the toy's results command (evaluation runners + the oracle)
+    {"train.toy.__main__"},
 ]
 
 

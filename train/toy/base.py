@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +36,10 @@ from train.toy.bank import VARIANTS, Bank
 from train.toy.stages import Stage, finished, load_stage, run_stage
 from xvila.decoders.base import denoising_loss
 from xvila.encoders.clip_tokenizer import ImageBindTokenizer
-from xvila.encoders.imagebind_weights import save_imagebind
+from xvila.decoders.audio import AudioDecoder
+from xvila.decoders.image import ImageDecoder
+from xvila.decoders.video import VideoDecoder
+from xvila.encoders.imagebind_weights import load_imagebind, load_imagebind_tokenizer, save_imagebind
 from xvila.fileio import write_json
 from xvila.toy import world
 from xvila.toy.parts import SIZES, LogMel, ToyParts
@@ -42,15 +47,16 @@ from xvila.toy.parts import SIZES, LogMel, ToyParts
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
 WORK = Path("runs/toy-base")
 GROUPS = 512  # x VARIANTS scenes in the bank
-# (steps, batch, learning rate) per stage: sized for well under an hour on two CPU cores.
+# (steps, batch, learning rate) per stage: sized to finish within the hour on two CPU cores
+# that other work shares (measured: about a quarter of the machine was ours).
 PLAN = {
-    "imagebind": (1200, 16 * VARIANTS, 5e-4),
-    "pixel_vae": (500, 16, 1e-3),
-    "image_unet": (700, 32, 4e-4),
-    "mel_vae": (400, 32, 1e-3),
-    "audio_unet": (600, 32, 4e-4),
-    "vocoder": (1000, 16, 1e-3),
-    "video_unet": (250, 8, 4e-4),
+    "imagebind": (700, 16 * VARIANTS, 5e-4),
+    "pixel_vae": (300, 16, 1e-3),
+    "image_unet": (450, 32, 5e-4),
+    "mel_vae": (300, 16, 1e-3),
+    "audio_unet": (400, 32, 5e-4),
+    "vocoder": (600, 16, 1e-3),
+    "video_unet": (150, 8, 5e-4),
 }
 EMPTY_P = 0.1  # captions dropped for classifier-free guidance
 AUDIO_FRAMES = 100  # mel frames of the 1 s sound: what AudioDecoder.latent_shape asks for 1 s
@@ -236,10 +242,12 @@ STAGE_MODULES = {  # what each finished stage's file holds, to reload it into fr
     "vocoder": lambda p: {"vocoder": p.audio.vocoder},
     "video_unet": lambda p: {"unet": p.video.unet},
 }
-# Two independent chains, one process (one thread) each: on two cores this is faster than
-# one process with two threads, and far faster when other work shares the cores (threads
-# that wait for each other's core spin).
-CHAINS = (("imagebind", "mel_vae", "audio_unet", "vocoder"), ("pixel_vae", "image_unet", "video_unet"))
+# Chains of stages, one process (one thread) each: on two cores this is faster than one
+# process with two threads, and far faster when other work shares the cores (threads that
+# wait for each other's core spin). A stage waits for the stage it needs (NEEDS) when that
+# one runs in another chain.
+CHAINS = (("imagebind", "vocoder"), ("mel_vae", "audio_unet"), ("pixel_vae", "image_unet"), ("video_unet",))
+NEEDS = {"image_unet": "pixel_vae", "video_unet": "pixel_vae", "audio_unet": "mel_vae"}
 
 
 def _set_scaling_factor(parts: ToyParts, name: str, meta: dict) -> None:
@@ -274,20 +282,38 @@ def _make_stage(name: str, parts: ToyParts, bank: Bank, work: Path, logmel: LogM
 
 def run_chain(chain: tuple[str, ...], work: Path, plan: dict, threads: int = 1) -> None:
     """One chain's stages in order, in this process (the finished ones are loaded)."""
+    _die_with(os.getppid())
     torch.set_num_threads(threads)
     PLAN.update(plan)
     work = Path(work)
     bank, parts, logmel = Bank.load(work / "bank"), ToyParts.build(world_words()), LogMel()
     load_finished(parts, work)
     for name in chain:
+        need = NEEDS.get(name)
+        if need and not finished(work, need):
+            print(f"[{name}] waiting for {need}", flush=True)
+            while not finished(work, need):
+                time.sleep(10)
+            _set_scaling_factor(parts, need, load_stage(work, need, STAGE_MODULES[need](parts)))
         meta = run_stage(_make_stage(name, parts, bank, work, logmel), work, lambda m: print(m, flush=True))
         _set_scaling_factor(parts, name, meta)
 
 
+def _die_with(parent: int) -> None:
+    """A chain process ends when the `base` process that started it is killed (its last
+    checkpoint stays; rerunning resumes), instead of training on as an orphan."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_base(work: Path = WORK, out: Path = ASSETS, log=print, groups: int = GROUPS, steps_scale: float = 1.0,
-             jobs: int = 2) -> dict:
-    """The bank, every chain (in `jobs` processes), then the export. `groups` and
-    `steps_scale` shrink a trial run."""
+             jobs: int = len(CHAINS)) -> dict:
+    """The bank, every chain (each in its own process; `jobs=1`: one after another in this
+    process, two threads), then the export. `groups` and `steps_scale` shrink a trial run."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     plan = {k: (max(2, round(n * steps_scale)), b, lr) for k, (n, b, lr) in PLAN.items()}
@@ -332,11 +358,6 @@ def export(parts: ToyParts, out: Path, metas: dict) -> Path:
 
 def load_base(folder: Path = ASSETS, device: str = "cpu") -> dict:
     """The exported base through the real loaders: {"imagebind", "ib_tokenizer", "image", "video", "audio"}."""
-    from xvila.checkpoint import load_imagebind, load_imagebind_tokenizer
-    from xvila.decoders.audio import AudioDecoder
-    from xvila.decoders.image import ImageDecoder
-    from xvila.decoders.video import VideoDecoder
-
     folder = Path(folder)
     return {
         "imagebind": load_imagebind(folder / "imagebind", device=device, dtype=torch.float32),

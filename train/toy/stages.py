@@ -37,7 +37,7 @@ class Stage:
     lr: float
     seed: int
     warmup: int = 50
-    save_every: int = 200
+    save_every: int = 50
     weight_decay: float = 0.0
     finish: Callable[[], dict] | None = None  # after training: extra metadata (e.g. a scaling factor)
     extra_params: list[nn.Parameter] = field(default_factory=list)

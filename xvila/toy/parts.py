@@ -15,7 +15,8 @@ Shared choices, and why:
   and the video decoder, as VideoCrafter2 and SD share a latent space in spirit; the video
   stage trains only its U-Net.
 - audio at 16 kHz (ImageBind's and AudioLDM's rate); AudioLDM's mel: 64 bins, hop 160
-  (10 ms), n_fft 1024, 0-8 kHz, natural log, which the SpeechT5 HiFi-GAN vocoder reads.
+  (10 ms), n_fft 1024, 0-8 kHz, natural log (rescaled, see `LogMel`), which the SpeechT5
+  HiFi-GAN vocoder reads.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def audioldm_scheduler() -> DPMSolverMultistepScheduler:
 
 class LogMel(torch.nn.Module):
     """AudioLDM's mel: |STFT| (Hann, n_fft 1024, hop 160, centred) through 64 Slaney mel
-    filters (0-8 kHz), natural log of max(x, 1e-5). waveform [B, n] -> [B, n // hop + 1, 64]."""
+    filters (0-8 kHz), natural log of max(x, 1e-5), then shifted and scaled, (log + 4) / 4,
+    to about [-2, 2]: the world's silence (-11.5) and tones (up to ~4) would otherwise take a
+    small VAE hundreds of steps just to reach. waveform [B, n] -> [B, n // hop + 1, 64]."""
 
     def __init__(self, s: ToySizes = SIZES):
         super().__init__()
@@ -171,7 +174,7 @@ class LogMel(torch.nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         spec = torch.stft(wave, self.s.n_fft, self.s.hop, window=self.window, center=True, return_complex=True).abs()
-        return torch.log(torch.clamp(spec.transpose(1, 2) @ self.banks, min=1e-5))
+        return (torch.log(torch.clamp(spec.transpose(1, 2) @ self.banks, min=1e-5)) + 4) / 4
 
 
 # ------------------------------------------------------------------------------ all of them
