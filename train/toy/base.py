@@ -317,7 +317,7 @@ def run_base(work: Path = WORK, out: Path = ASSETS, log=print, groups: int = GRO
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     plan = {k: (max(2, round(n * steps_scale)), b, lr) for k, (n, b, lr) in PLAN.items()}
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     bank_dir = work / "bank"
     if not (bank_dir / "captions.json").is_file():
         Bank.build(bank_dir, groups)

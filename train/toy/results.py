@@ -175,7 +175,8 @@ class Settings:
 
 
 def _x2a(model, manifest: Path, out: Path, s: Settings, **kw) -> dict:
-    x = X2ASettings(steps=s.steps, seed=s.seed, max_new_tokens=s.max_new_tokens, **kw)
+    x = X2ASettings(steps=s.steps, seed=s.seed, max_new_tokens=s.max_new_tokens, frames=world.FRAMES, fps=world.FPS,
+                    seconds=world.AUDIO_SECONDS, **kw)
     return run_x2a(model, str(manifest), str(out), x, checkpoint=model.config.name, progress=True)
 
 
@@ -432,9 +433,8 @@ def markdown(r: dict) -> str:
         "## 1. X²A by decoding mode (paper Table 2/3)", "",
         "Cells: mean X²A (the toy ImageBind's cosine similarity ×100 between the output and the ground truth) "
         f"[95 % interval]; TA+VEH at α = {r['alpha_default']:g}. `xvila.evaluation`'s X²A runner on the builders' "
-        f"conversation format; it decodes at the decoders' default length ({DecodeSettings().frames} frames, "
-        f"{DecodeSettings().seconds:g} s of sound), against the world's {world.FRAMES}-frame, "
-        f"{world.AUDIO_SECONDS:g} s truths.", "",
+        f"conversation format, decoding at the world's length ({world.FRAMES} frames at {world.FPS} fps, "
+        f"{world.AUDIO_SECONDS:g} s of sound), as its truths are.", "",
         report.modes_table(x2a_sum, list(MODES)), "", report.counts_line(x2a_sum), "",
         f"![X²A by decoding mode]({PLOTS['modes']})", "",
         "## 2. Details only the highway carries (pixel oracle)", "",

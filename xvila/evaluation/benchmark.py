@@ -43,6 +43,9 @@ class X2ASettings:
     alpha_sweep: tuple[float, ...] = ()  # non-empty: run `veh` at each of these instead
     limit: int | None = None
     steps: int | None = None  # denoising steps; None: the decoders' default
+    frames: int | None = None  # video frames, fps and audio seconds to decode; None: the
+    fps: float | None = None  # decoders' defaults (a small world's truths are shorter, and
+    seconds: float | None = None  # X²A compares like with like)
     seed: int = 0
     temperature: float = 0.0  # greedy by default: the reply should not vary between runs
     max_new_tokens: int = 128
@@ -93,7 +96,8 @@ def plan(convs: list[Conversation], s: X2ASettings, default_alpha: float) -> lis
 def run_job(model, job: Job, s: X2ASettings, out: Path) -> list[dict]:
     """Replay one conversation in one mode; the generated output of each round."""
     chat = model.new_chat(outputs_dir=job.folder(out))
-    decode = DecodeSettings() if s.steps is None else DecodeSettings(steps=s.steps)
+    given = {"steps": s.steps, "frames": s.frames, "fps": s.fps, "seconds": s.seconds}
+    decode = DecodeSettings(**{k: v for k, v in given.items() if v is not None})
     options = send_options(job.mode, job.alpha)
     results = []
     for r in job.conv.rounds:
@@ -148,7 +152,8 @@ def run_x2a(model, data: str, out: str, s: X2ASettings, checkpoint: str = "", pr
         raise EvaluationError(f"{data}: no conversation to run (an α sweep needs conversations with a visual "
                               "input and a visual output)")
     settings = {"task": "x2a", "checkpoint": checkpoint, "data": str(Path(data).resolve()), "root": s.root,
-                "seed": s.seed, "steps": s.steps, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens}
+                "seed": s.seed, "steps": s.steps, "frames": s.frames, "fps": s.fps, "seconds": s.seconds,
+                "temperature": s.temperature, "max_new_tokens": s.max_new_tokens}
     log = SampleLog(out_dir, settings)
     embedder = Embedder(model, s.batch_size)
     todo = [j for j in jobs if j.key(s.seed) not in log.done]
