@@ -228,12 +228,17 @@ def preprocess(path: PathLike, kind: str, config=None, *, isolated: bool | None 
 
 
 # ----------------------------------------------------------------------- the worker side
-def _peak_rss() -> int:
+def _status_bytes(field: str) -> int:
+    """A size from /proc/self/status (e.g. VmHWM, the peak RSS; VmSize, the address space)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _reset_peak_rss() -> None:
@@ -245,11 +250,7 @@ def _reset_peak_rss() -> None:
 
 
 def _address_space() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmSize")
 
 
 _OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
