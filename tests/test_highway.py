@@ -177,3 +177,32 @@ def test_cancellation_between_steps(decoder):
         denoise(decoder, e_text, DecodeSettings(steps=5), progress=lambda i, n: seen.append((i, n)),
                 should_stop=lambda: len(seen) == 2)
     assert seen == [(1, 5), (2, 5)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_noise_follows_the_timestep(decoder, monkeypatch, prediction_type):
+    """t = 999 must be almost pure noise and t = 0 almost clean: SD1.5's scaled-linear betas
+    give sqrt(alpha_bar) = 0.068 at t = 999 and 0.9996 at t = 0 (computed here by hand)."""
+    decoder.scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                                    beta_start=0.00085, beta_end=0.012,
+                                                    prediction_type=prediction_type)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    seen = {}
+
+    def spy(x, t, **kw):
+        seen["x"], seen["t"] = x.detach().clone(), t.clone()
+        seen["pred"] = torch.zeros_like(x, requires_grad=True)
+        return (seen["pred"],)
+
+    monkeypatch.setattr(decoder.unet, "forward", spy)
+    x0 = torch.full((64, 4, 8, 8), 3.0)
+    e_text, _ = _inputs()
+    loss = denoising_loss(decoder, x0, e_text[None].expand(64, -1, -1), generator=torch.Generator().manual_seed(0))
+    a = alpha_bar[seen["t"]].float().view(-1, 1, 1, 1)
+    noise = (seen["x"] - a.sqrt() * x0) / (1 - a).sqrt()
+    # what went in is sqrt(a)·x0 + sqrt(1-a)·noise with unit-variance noise at every t
+    assert abs(noise.std().item() - 1.0) < 0.05
+    assert abs(noise.mean().item()) < 0.05
+    target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-3)

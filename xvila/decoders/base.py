@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from xvila.decoders.controller import prepare_e_vis
@@ -268,16 +268,21 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
     noise level. The target follows the scheduler's `prediction_type` (epsilon or v).
     """
     config = decoder.scheduler.config
+    # Noise by the training (DDPM) form of the same schedule, not the sampler's: the
+    # DPM-Solver scheduler's `add_noise` looks sigmas up by position in its timesteps, which
+    # before `set_timesteps` run 999 -> 0 while its sigmas run 0 -> 999, so t = 999 came out
+    # nearly clean and a U-Net trained on it learns the noise levels backwards.
+    forward = DDPMScheduler.from_config(config)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-    noisy = decoder.scheduler.add_noise(x0, noise, t)
+    noisy = forward.add_noise(x0, noise, t)
     extra = {}
     if e_vis is not None and decoder.controller is not None:
         down, mid = decoder.controller(e_vis, tuple(x0.shape[1:]))
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = decoder.unet(noisy, t, **decoder.unet_condition(e_text.to(x0.dtype), DecodeSettings()), **extra,
                         return_dict=False)[0]
-    target = decoder.scheduler.get_velocity(x0, noise, t) if config.prediction_type == "v_prediction" else noise
+    target = forward.get_velocity(x0, noise, t) if config.prediction_type == "v_prediction" else noise
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
