@@ -47,16 +47,17 @@ from xvila.toy.parts import SIZES, LogMel, ToyParts
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
 WORK = Path("runs/toy-base")
 GROUPS = 512  # x VARIANTS scenes in the bank
-# (steps, batch, learning rate) per stage: sized to finish within the hour on two CPU cores
-# that other work shares (measured: about a quarter of the machine was ours).
+# (steps, batch, learning rate) per stage: sized to finish within the hour on two idle CPU
+# cores (per-step CPU seconds measured on one core: ImageBind 0.53, pixel VAE 0.45, image
+# U-Net 0.92, mel VAE 0.64, audio U-Net 0.59, video U-Net 2.3, vocoder 0.2).
 PLAN = {
-    "imagebind": (700, 16 * VARIANTS, 5e-4),
-    "pixel_vae": (300, 16, 1e-3),
-    "image_unet": (450, 32, 5e-4),
-    "mel_vae": (300, 16, 1e-3),
-    "audio_unet": (400, 32, 5e-4),
-    "vocoder": (600, 16, 1e-3),
-    "video_unet": (150, 8, 5e-4),
+    "imagebind": (2000, 16 * VARIANTS, 5e-4),
+    "pixel_vae": (1000, 16, 2e-3),
+    "image_unet": (1200, 32, 5e-4),
+    "mel_vae": (600, 16, 1e-3),
+    "audio_unet": (1000, 32, 5e-4),
+    "vocoder": (1500, 16, 1e-3),
+    "video_unet": (500, 8, 5e-4),
 }
 EMPTY_P = 0.1  # captions dropped for classifier-free guidance
 AUDIO_FRAMES = 100  # mel frames of the 1 s sound: what AudioDecoder.latent_shape asks for 1 s

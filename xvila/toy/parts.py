@@ -76,7 +76,11 @@ def pixel_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=16, sample_size=SIZES.image,
+        # Four groups, so the 16 full-resolution channels are normalised four at a time: with
+        # one channel per group (16 groups) GroupNorm is an instance norm that strips each
+        # channel's mean, i.e. the flat background colour, and the VAE could not give it back
+        # (measured: 300 steps put most backgrounds in the wrong colour; loss 0.55 -> 0.22 at 200 steps).
+        norm_num_groups=4, sample_size=SIZES.image,
     )
 
 
