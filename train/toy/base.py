@@ -106,9 +106,13 @@ def imagebind_stage(parts: ToyParts, bank: Bank) -> Stage:
 
 
 # ------------------------------------------------------------------------------ VAEs
-def _vae_loss(vae, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
+    # Reconstruct from the posterior mean, which is what the U-Nets' latents are
+    # (`_encode_all`); decoding a sample spends the first hundreds of steps on the unit noise
+    # of a fresh encoder's variance (measured on the pixel VAE: loss 0.57 vs 0.37 at step 100).
+    # The tiny KL term still keeps the latents near the unit Gaussian's scale.
     post = vae.encode(x).latent_dist
-    recon = vae.decode(post.sample(generator=g)).sample
+    recon = vae.decode(post.mode()).sample
     return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
 
 
@@ -125,7 +129,7 @@ def pixel_vae_stage(parts: ToyParts, bank: Bank, work: Path) -> Stage:
 
     def step(i, g):
         idx = _idx(g, len(bank), batch)
-        return _vae_loss(vae, bank.pixels(idx, torch.randint(world.FRAMES, (batch,), generator=g).numpy()), g)
+        return _vae_loss(vae, bank.pixels(idx, torch.randint(world.FRAMES, (batch,), generator=g).numpy()))
 
     def finish():
         frames = bank.video.reshape(-1, *bank.video.shape[2:])  # [N*T, H, W, 3]
@@ -149,7 +153,7 @@ def mel_vae_stage(parts: ToyParts, bank: Bank, work: Path, logmel: LogMel) -> St
         np.save(work / "mel_latents.npy", lat)
         return {"scaling_factor": float(1 / lat.astype(np.float32).std())}
 
-    return Stage("mel_vae", {"vae": vae}, lambda i, g: _vae_loss(vae, mels(_idx(g, len(bank), batch)), g),
+    return Stage("mel_vae", {"vae": vae}, lambda i, g: _vae_loss(vae, mels(_idx(g, len(bank), batch))),
                  steps, lr, seed=3, finish=finish)
 
 
