@@ -277,6 +277,10 @@ def test_oracle_on_silence_and_bad_shapes():
     from xvila.toy import oracle
 
     assert oracle.read_audio(np.zeros(16000, np.float32)).colour is None
+    # a loud offset (strongest at 0 Hz) has no pitch, hence no colour: not an error
+    drift = np.linspace(0.2, 0.8, 16000, dtype=np.float32)
+    heard = oracle.read_audio(drift)
+    assert heard.colour is None and heard.glide == "none"
     with pytest.raises(ValueError, match="image"):
         oracle.read_image(np.zeros((64, 64), np.uint8))
     with pytest.raises(ValueError, match="video"):

@@ -145,12 +145,8 @@ def measure_video(decoder, scenes) -> dict:
 
 
 def _heard_colour(wave: np.ndarray) -> str | None:
-    """The oracle's colour of a sound; None where it cannot read one (its glide reading
-    fails on a sound whose strongest frequency is 0 Hz at either end, which noise from a decoder can be)."""
-    try:
-        return oracle.read_audio(wave).colour
-    except (ValueError, ZeroDivisionError):
-        return None
+    """The oracle's colour of a sound; None where it hears no pitch."""
+    return oracle.read_audio(wave).colour
 
 
 def measure_audio(decoder, scenes, whole: bool = True) -> dict:

@@ -229,7 +229,9 @@ def read_audio(samples: np.ndarray, sample_rate: int = world.SAMPLE_RATE) -> Hea
     start_hz = peak_hz(x[first * hop : first * hop + window], sample_rate)
     end = (last + 1) * hop
     end_hz = peak_hz(x[max(0, end - window) : end], sample_rate)
+    size = float(np.abs(x).max()) / 0.9
+    if start_hz <= 0 or end_hz <= 0:  # strongest at 0 Hz (an offset, a decoder's drift): no pitch, no colour
+        return Heard(None, _BEATS_TO_SHAPE.get(beats), size, "none", start_hz, beats)
     semitones = 12 * math.log2(end_hz / start_hz)
     glide = "up" if semitones > 1.0 else "down" if semitones < -1.0 else "none"
-    size = float(np.abs(x).max()) / 0.9
     return Heard(colour_of_pitch(start_hz), _BEATS_TO_SHAPE.get(beats), size, glide, start_hz, beats)
