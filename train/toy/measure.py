@@ -230,7 +230,8 @@ def write_report(folder: Path, report: Path, n: int = 100, n_video: int = 40, th
             lines.append(f"| {name} | {m['steps']} | {m['loss_first']:.4f} -> {m['loss_last']:.4f} | "
                          f"{m['wall_s'] / 60:.1f} min | {m['cpu_s'] / 60:.1f} min |")
         else:
-            lines.append(f"| {name} | - | - | {m['wall_s'] / 60:.1f} min | - |")
+            runs = f" ({m['runs']} runs: stopped and resumed)" if m.get("runs", 1) > 1 else ""
+            lines.append(f"| {name} | - | - | {m['wall_s'] / 60:.1f} min{runs} | - |")
     lines += ["", f"Measured on {platform.machine()} with {torch.get_num_threads()} threads in "
               f"{(time.perf_counter() - t0) / 60:.1f} min.", ""]
     text = "\n".join(lines)

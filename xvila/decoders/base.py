@@ -259,13 +259,14 @@ def generate(decoder: Decoder, e_text: torch.Tensor, path: Path, s: DecodeSettin
 
 
 def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_vis: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, prediction_type: str | None = None) -> torch.Tensor:
     """Phase 3b's objective: the U-Net's noise-prediction loss with the controller's residuals.
 
     x0: clean latents [B, *latent_shape] (VAE-encoded targets, precomputable); e_text:
     [B, L, C]; e_vis: [B, H, W, C] or None. The residuals go in at every sampled t: eq. 4's
     α only schedules them at inference, and α may be 1, so the controller must learn every
-    noise level. The target follows the scheduler's `prediction_type` (epsilon or v).
+    noise level. The target follows the scheduler's `prediction_type` (epsilon or v) unless
+    `prediction_type` names another (a U-Net pre-trained on one before it is fine-tuned to the other).
     """
     config = decoder.scheduler.config
     # Noise by the training (DDPM) form of the same schedule, not the sampler's: the
@@ -282,7 +283,7 @@ def denoising_loss(decoder: Decoder, x0: torch.Tensor, e_text: torch.Tensor, e_v
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = decoder.unet(noisy, t, **decoder.unet_condition(e_text.to(x0.dtype), DecodeSettings()), **extra,
                         return_dict=False)[0]
-    target = forward.get_velocity(x0, noise, t) if config.prediction_type == "v_prediction" else noise
+    target = forward.get_velocity(x0, noise, t) if (prediction_type or config.prediction_type) == "v_prediction" else noise
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 

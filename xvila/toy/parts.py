@@ -110,10 +110,17 @@ def video_unet(s: ToySizes = SIZES) -> UNet3DVideoCrafterConditionModel:
     )
 
 
+# The toy U-Nets predict v (as SD 2.x-v): their last base stage fine-tunes them from noise
+# prediction to v (train/toy/base.py), since an epsilon U-Net trained for minutes barely
+# listens to the caption at high noise, where the colours of the whole picture are decided.
+PREDICTION = "v_prediction"
+
+
 def sd_scheduler() -> DPMSolverMultistepScheduler:
     # SD1.5's (= VideoCrafter2's) betas.
     return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1, algorithm_type="dpmsolver++")
+                                       beta_schedule="scaled_linear", steps_offset=1, algorithm_type="dpmsolver++",
+                                       prediction_type=PREDICTION)
 
 
 # ------------------------------------------------------------------------------ sound
@@ -159,7 +166,8 @@ def vocoder(s: ToySizes = SIZES) -> SpeechT5HifiGan:
 
 def audioldm_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                                       beta_schedule="scaled_linear", steps_offset=1, algorithm_type="dpmsolver++")
+                                       beta_schedule="scaled_linear", steps_offset=1, algorithm_type="dpmsolver++",
+                                       prediction_type=PREDICTION)
 
 
 class LogMel(torch.nn.Module):
