@@ -111,6 +111,15 @@ def test_an_output_without_a_thing_scores_as_chance():
     assert scoring.position_error(empty, frame(scene)) == scoring.MISS_POSITION
 
 
+def test_a_truth_frame_without_a_thing_is_left_out_not_an_error():
+    """A thing can move out of the picture by the last frames: position is unjudgeable there
+    (NaN), and the file's score is the mean over the frames that can be judged."""
+    scene = one_thing()
+    empty = np.broadcast_to(np.array(scene.background_rgb, np.uint8), frame(scene).shape).copy()
+    assert math.isnan(scoring.position_error(frame(scene), empty))
+    assert scoring.position_error(frame(scene), frame(scene)) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_detail_scores_of_files_align_frames_and_resize(tmp_path):
     scene = world.sample_scene(SEED + 7)
     clip = media.write_mp4(tmp_path / "clip.mp4", world.render_video(scene), world.FPS)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -213,7 +214,9 @@ def highway_details(x2a: dict, out: Path) -> dict:
         f_ta, f_veh = r["files"][0], other["files"][0]
         ta, veh = detail_scores(out / f_ta["pred"], f_ta["truth"]), detail_scores(out / f_veh["pred"], f_veh["truth"])
         for name in DETAILS:
-            rows.setdefault(r["type"], {}).setdefault(name, []).append((ta[name], veh[name]))
+            values = rows.setdefault(r["type"], {}).setdefault(name, [])
+            if not (math.isnan(ta[name]) or math.isnan(veh[name])):  # a truth with no thing in view: unscored
+                values.append((ta[name], veh[name]))
     return {t: {name: paired(v) for name, v in d.items()} for t, d in rows.items()}
 
 

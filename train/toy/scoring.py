@@ -58,10 +58,11 @@ def _match(seen: oracle.Seen, colour: str) -> oracle.SeenThing | None:
 
 
 def position_error(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Distance (fraction of the frame) between the truth's main thing and its match in pred."""
+    """Distance (fraction of the frame) between the truth's main thing and its match in pred;
+    NaN where the truth frame shows no thing (it has moved out of the picture): nothing to miss."""
     target = oracle.read_image(truth).main
     if target is None:
-        raise ValueError("the ground-truth frame shows no thing")
+        return math.nan
     found = _match(oracle.read_image(pred), target.colour)
     if found is None:
         return MISS_POSITION
@@ -117,9 +118,14 @@ DETAILS = {"position error": position_error, "texture match": texture_match, "sh
 
 
 def detail_scores(pred_path: str | os.PathLike, truth_path: str | os.PathLike) -> dict[str, float]:
-    """The three detail scores of a generated file against its truth, averaged over aligned frames."""
+    """The three detail scores of a generated file against its truth, averaged over aligned
+    frames (frames a score cannot judge, NaN, left out; NaN if it can judge none)."""
     pairs = aligned(frames_of(pred_path), frames_of(truth_path))
-    return {name: float(np.mean([f(p, t) for p, t in pairs])) for name, f in DETAILS.items()}
+    out = {}
+    for name, f in DETAILS.items():
+        values = [v for v in (f(p, t) for p, t in pairs) if not math.isnan(v)]
+        out[name] = float(np.mean(values)) if values else math.nan
+    return out
 
 
 # --------------------------------------------------------------------- reading replies
