@@ -4,10 +4,10 @@
                   [--port N] [--share] [--host ADDR] [--concurrency N] [--max-file-size SIZE]
 
 Without --checkpoint it serves `toy`, the X-VILA trained on the toy world of coloured
-shapes, from `assets/toy/xvila/` (offline, on any machine) once it is trained and shipped
-there (`python -m train.toy base`, then `python -m train.toy xvila`); a checkpoint that
-cannot be loaded - `toy` too, in a checkout without it, as today's - is explained in one
-terminal line and replaced by the preset `tiny-random` (untrained, random weights). UI code only: the model is
+shapes, shipped in `assets/toy/xvila/` (offline, on any machine; made by `python -m
+train.toy base`, then `python -m train.toy xvila`); a checkpoint that cannot be loaded -
+`toy` too, in a checkout or package without its assets - is explained in one terminal line
+and replaced by the preset `tiny-random` (untrained, random weights). UI code only: the model is
 reached through `xvila`'s public names and nothing is loaded at import time (`build(model)`
 makes the page for a model you already have).
 

@@ -2,7 +2,7 @@
 
     from xvila.resources import asset_path
     asset_path("lighthouse.png")        # the demo's example picture
-    asset_path("toy")                   # the toy model's folder (once it is trained)
+    asset_path("toy")                   # the toy base and model (assets/toy/)
 
 The folder lives at the repository's root (`assets/`); the wheel carries a copy as
 `xvila/assets/` (`pyproject.toml` maps the package `xvila.assets` to it). A checkout, and
