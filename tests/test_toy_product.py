@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,3 +236,19 @@ def test_the_speed_bench_quick_mode_times_every_reply(model, monkeypatch, tmp_pa
     assert 0 <= m["image reply tokens"] <= 8  # --quick's token limit
     assert result["threads"] == 1 and result["settings"]["steps"] == 2
     assert json.loads(out.read_text())["median"] == m
+
+
+def test_held_out_conversations_list_their_media_in_the_prompts_order(tmp_path):
+    """IMG+AUD2VID prompts name the audio first in some phrasings: the inputs must follow the
+    placeholders, or the chat refuses the message (PromptError) and the sample is lost."""
+    from train.data import X2X_TYPES
+
+    orders = set()
+    for kind in X2X_TYPES:
+        for k in range(24 if kind == "IMG+AUD2VID" else 4):
+            r = results.x2x_conversation(kind, world.TEST_SEED_START + 4_000_000 + k, tmp_path)
+            said = re.findall(r"<(image|video|audio)>", r["conversations"][0]["value"])
+            assert [i["modality"] for i in r["inputs"]] == said, r
+            if kind == "IMG+AUD2VID":
+                orders.add(tuple(said))
+    assert orders == {("image", "audio"), ("audio", "image")}  # both phrasings were drawn

@@ -46,7 +46,7 @@ import torch
 
 from train.batches import GENERATE_PROMPTS
 from train.builders import HUMAN_TEMPLATES
-from train.data import GPT, HUMAN, X2X_TYPES
+from train.data import GPT, HUMAN, X2X_TYPES, placeholder_sequence
 from train.toy.data import QUESTIONS as ASKED
 from train.toy.measure import wilson
 from train.toy.scoring import DETAILS, MISS_POSITION, detail_scores, frames_of, parse_reply
@@ -145,7 +145,8 @@ def x2x_conversation(kind: str, seed: int, root: Path) -> dict:
     where = rng.choice(sorted(WHERE))
     inputs, out, artifact = ROLES[kind]
     human = human.format(where=where)
-    return _record(f"{kind}:{seed}", kind, human, [(m, paths[a]) for m, a in inputs],
+    artifact_of = dict(inputs)  # in the order of the prompt's placeholders, as the builders do
+    return _record(f"{kind}:{seed}", kind, human, [(m, paths[artifact_of[m]]) for m in placeholder_sequence(human)],
                    (out, paths[artifact or WHERE[where]]), world.caption(scene), root)
 
 
