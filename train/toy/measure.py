@@ -144,11 +144,6 @@ def measure_video(decoder, scenes) -> dict:
     return {"Video decoder: the caption's motion (oracle)": (motion, len(scenes))}
 
 
-def _heard_colour(wave: np.ndarray) -> str | None:
-    """The oracle's colour of a sound; None where it hears no pitch."""
-    return oracle.read_audio(wave).colour
-
-
 def measure_audio(decoder, scenes, whole: bool = True) -> dict:
     """The decoder's pitch class and (always) the vocoder's alone on the true sound's mel."""
     pitch = vocoded = 0
@@ -156,10 +151,10 @@ def measure_audio(decoder, scenes, whole: bool = True) -> dict:
     for i, s in enumerate(scenes):
         t = s.things[0]
         if whole:
-            pitch += int(_heard_colour(_generate(decoder, world.caption(s), i)) == t.colour)
+            pitch += int(oracle.read_audio(_generate(decoder, world.caption(s), i)).colour == t.colour)
         with torch.no_grad():
             mel = logmel(torch.from_numpy(world.render_audio(s))[None])[:, :AUDIO_FRAMES]
-            vocoded += int(_heard_colour(decoder.vocoder(mel)[0].numpy()) == t.colour)
+            vocoded += int(oracle.read_audio(decoder.vocoder(mel)[0].numpy()).colour == t.colour)
     rows = {"Vocoder alone, on the true sound's mel: pitch class (oracle)": (vocoded, len(scenes))}
     if whole:
         rows = {"Audio decoder: the caption colour's pitch class (oracle)": (pitch, len(scenes)), **rows}
