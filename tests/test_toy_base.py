@@ -15,7 +15,7 @@ from train.toy.bank import VARIANTS, group_scenes, ib_fbank
 from train.toy.stages import Stage, finished, run_stage
 from xvila.encoders import imagebind_preprocess as pre
 from xvila.toy import world
-from xvila.toy.parts import SIZES, LogMel, imagebind_config
+from xvila.toy.parts import SIZES, LogMel, audioldm_scheduler, imagebind_config, sd_scheduler
 
 
 
@@ -99,6 +99,40 @@ def test_log_mel_puts_a_higher_pitch_in_a_higher_bin():
     assert mel.shape == (2, world.SAMPLE_RATE // SIZES.hop + 1, SIZES.mel_bins)
     low, high = mel[:, 50].argmax(-1).tolist()
     assert 0 < low < high
+
+
+# ------------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("make", [sd_scheduler, audioldm_scheduler])
+def test_toy_decoders_start_from_pure_noise(make):
+    """Zero terminal SNR: the training input at t = 999 holds nothing of the picture (with
+    SD1.5's betas as they are, 6.8 % of it, enough for a flat background colour to leak, see
+    xvila.toy.parts), and sampling starts at t = 999."""
+    from xvila.decoders.base import denoising_loss
+
+    class Spy(nn.Module):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.scheduler, self.seen = scheduler, []
+            self.unet, self.controller = self, None
+
+        def unet_condition(self, e_text, settings):
+            return {}
+
+        def forward(self, x, t, **kw):
+            self.seen.append((x.detach().clone(), t.clone()))
+            return (torch.zeros_like(x, requires_grad=True),)
+
+    spy = Spy(make())
+    for level in (3.0, -3.0):  # same generator seed: the same noise and timesteps, opposite pictures
+        denoising_loss(spy, torch.full((256, 4, 4, 4), level), torch.zeros(256, 1, 8),
+                       generator=torch.Generator().manual_seed(0))
+    (xa, t), (xb, _) = spy.seen
+    kept = (xa - xb).flatten(1).abs().amax(1) / 6  # sqrt(alpha_bar_t) of each row
+    last = t == t.max()
+    assert t.max() >= 990
+    assert kept[last].max() < 0.01 and kept[t < 500].min() > 0.3
+    spy.scheduler.set_timesteps(20)
+    assert int(spy.scheduler.timesteps[0]) == 999
 
 
 # ------------------------------------------------------------------------------ stages

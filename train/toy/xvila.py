@@ -29,8 +29,9 @@ Sizing (train/configs/toy/): CPU seconds per step, one thread, from two trial ru
 untrained base (2 and 8 steps; the difference over 6 steps), default batches of 8 records:
 phase 1 5.7 (8 pairs = 16 rows), phase 2 6.8 (8 three-turn rows), phase 3a 6.2, phase 3b
 3.4 (the U-Nets only); each phase's start (imports, loading) ~10-20 CPU s; the data for 280
-videos about a minute. The shipped step counts (120, 80, 150, 150) add up to ~48 CPU
-minutes; the wall time is that on an idle core, several times more on a loaded one.
+videos about a minute. With `--threads 2` on an idle machine the first shipped model's
+phases (180 / 120 / 220 / 200 steps) took about 17, 10, 11 and 7 minutes; the configs now
+give phases 3a and 3b 340 and 260 steps (understanding and the highway needed more).
 """
 
 from __future__ import annotations
