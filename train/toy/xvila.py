@@ -31,8 +31,8 @@ phase 1 5.7 (8 pairs = 16 rows), phase 2 6.8 (8 three-turn rows), phase 3a 6.2, 
 3.4 (the U-Nets only); each phase's start (imports, loading) ~10-20 CPU s; the data for 280
 videos about a minute. With `--threads 2` on an idle machine the first shipped model's
 phases (180 / 120 / 220 / 200 steps) ran 2.9 s a step in phase 1 and took 10, 11 and 7
-minutes for phases 2, 3a and 3b; phase 3a now has
-300 steps (the first model named 67 % of held-out colours; understanding gets the extra steps).
+minutes for phases 2, 3a and 3b; phase 3a now has 300 steps (the first model named 67 % of
+held-out colours; understanding gets the extra steps). The recipe with it took 61 min.
 """
 
 from __future__ import annotations

@@ -201,6 +201,12 @@ class LogMel(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------ all of them
+def _clip_tokenizer(words: list[str]):
+    tok = toy_clip_tokenizer(words)
+    tok.model_max_length = 77  # CLIP's context, which the text encoders' positions are sized for
+    return tok
+
+
 @dataclass
 class ToyParts:
     """Every base part, untrained. The image and the video decoder hold the same pixel VAE
@@ -217,15 +223,12 @@ class ToyParts:
     def build(cls, words: list[str], seed: int = 0, s: ToySizes = SIZES) -> "ToyParts":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            ib_tok = toy_clip_tokenizer(words)
-            ib_tok.model_max_length = 77
+            ib_tok = _clip_tokenizer(words)
             imagebind = ImageBind(imagebind_config(len(ib_tok), s))
-            clip_tok = toy_clip_tokenizer(words)
-            clip_tok.model_max_length = 77
+            clip_tok = _clip_tokenizer(words)
             vae = pixel_vae()
             image = ImageDecoder(image_unet(s), vae, sd_scheduler(), clip_text(clip_tok, s), clip_tok)
-            video_tok = toy_clip_tokenizer(words)
-            video_tok.model_max_length = 77
+            video_tok = _clip_tokenizer(words)
             video = VideoDecoder(video_unet(s), vae, clip_text(video_tok, s), video_tok, sd_scheduler(), variant="videocrafter2",
                                  size=(s.image, s.image), condition_fps=s.fps)
             rob_tok = toy_roberta_tokenizer(words)
